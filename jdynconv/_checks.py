@@ -1,0 +1,138 @@
+"""Argument canonicalisation and validation shared by every jdynconv entry point.
+
+Everything here runs at trace time on static shapes, so it costs nothing under ``jax.jit``. Error
+messages name the argument in backticks, say what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+PaddingLike = str | int | Sequence[int | tuple[int, int]]
+IntOrSequence = int | Sequence[int]
+Pads = tuple[tuple[int, int], ...]
+
+_PADDING_FORMS = (
+    '"SAME", "VALID", "CAUSAL" (1-D only), an int, a sequence of {rank} ints, '
+    "or a sequence of {rank} (low, high) pairs of ints"
+)
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def canonicalize_ints(value: IntOrSequence, rank: int, name: str, *, minimum: int = 1) -> tuple[int, ...]:
+    """Returns ``value`` as a tuple of ``rank`` ints, each at least ``minimum``.
+
+    An int means the same value in every spatial dimension.
+    """
+    items = (value,) * rank if is_int(value) else value
+    if isinstance(items, str) or not isinstance(items, Sequence) or not all(is_int(v) for v in items):
+        raise TypeError(f"`{name}` must be an int or a sequence of {rank} ints, got {value!r}.")
+    if len(items) != rank:
+        raise ValueError(f"`{name}` must have one entry per spatial dimension ({rank}), got {tuple(items)!r}.")
+    if any(v < minimum for v in items):
+        raise ValueError(f"`{name}` entries must be >= {minimum}, got {tuple(int(v) for v in items)!r}.")
+    return tuple(int(v) for v in items)
+
+
+def canonicalize_padding(
+    padding: PaddingLike,
+    *,
+    spatial_shape: Sequence[int],
+    kernel_size: Sequence[int],
+    strides: Sequence[int],
+    kernel_dilation: Sequence[int],
+    input_dilation: Sequence[int],
+) -> Pads:
+    """Resolves any accepted padding form to explicit ``((low, high), ...)`` per spatial dim.
+
+    ``"SAME"`` follows ``jax.lax``: output size ``ceil(size / stride)``, the odd extra pad at the end.
+    ``"CAUSAL"`` pads only at the start of a 1-D signal, by ``(kernel_size - 1) * kernel_dilation``.
+    Explicit pads must be non-negative (as in PyTorch; crop the input to shrink it).
+    """
+    rank = len(spatial_shape)
+    forms = _PADDING_FORMS.format(rank=rank)
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode not in ("SAME", "VALID", "CAUSAL"):
+            raise ValueError(f"`padding` must be {forms}; got the string {padding!r}.")
+        if mode != "VALID" and any(d != 1 for d in input_dilation):
+            raise ValueError(
+                f"`padding` {padding!r} is ambiguous with `input_dilation` {tuple(input_dilation)!r} "
+                "(as in jax.lax.conv_general_dilated); pass explicit (low, high) pairs instead."
+            )
+        if mode == "VALID":
+            return ((0, 0),) * rank
+        effective_kernel = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]
+        if mode == "CAUSAL":
+            if rank != 1:
+                raise ValueError(f'`padding` "CAUSAL" is only defined for 1-D convolution, got {rank}-D inputs.')
+            return ((effective_kernel[0] - 1, 0),)
+        pads = []
+        for size, k, s in zip(spatial_shape, effective_kernel, strides, strict=True):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads.append((total // 2, total - total // 2))
+        return tuple(pads)
+    if is_int(padding):
+        pads = ((int(padding), int(padding)),) * rank
+    elif isinstance(padding, Sequence) and len(padding) == rank:
+        pads_list = []
+        for p in padding:
+            if is_int(p):
+                pads_list.append((int(p), int(p)))
+            elif isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 and all(map(is_int, p)):
+                pads_list.append((int(p[0]), int(p[1])))
+            else:
+                raise ValueError(f"`padding` must be {forms}; got {padding!r} (bad entry {p!r}).")
+        pads = tuple(pads_list)
+    else:
+        raise ValueError(f"`padding` must be {forms}; got {padding!r}.")
+    if any(lo < 0 or hi < 0 for lo, hi in pads):
+        raise ValueError(f"`padding` must be non-negative, got {pads!r}.")
+    return pads
+
+
+def conv_output_shape(
+    spatial_shape: Sequence[int],
+    kernel_size: Sequence[int],
+    *,
+    strides: Sequence[int],
+    pads: Pads,
+    kernel_dilation: Sequence[int],
+    input_dilation: Sequence[int],
+) -> tuple[int, ...]:
+    """Spatial output shape of a convolution; raises if the kernel does not fit the padded input."""
+    out = []
+    for size, k, s, (lo, hi), kd, idil in zip(
+        spatial_shape, kernel_size, strides, pads, kernel_dilation, input_dilation, strict=True
+    ):
+        padded = (size - 1) * idil + 1 + lo + hi
+        effective_kernel = (k - 1) * kd + 1
+        if effective_kernel > padded:
+            raise ValueError(
+                f"The (dilated) kernel size {tuple(kernel_size)!r} (effective {effective_kernel} with "
+                f"`kernel_dilation` {tuple(kernel_dilation)!r}) is larger than the padded input: spatial shape "
+                f"{tuple(spatial_shape)!r} with `padding` {pads!r} and `input_dilation` {tuple(input_dilation)!r}."
+            )
+        out.append((padded - effective_kernel) // s + 1)
+    return tuple(out)
+
+
+def check_float_dtype(name: str, array: object) -> None:
+    """Raises TypeError unless ``array`` has a floating-point dtype."""
+    dtype = np.dtype(getattr(array, "dtype", None) or np.asarray(array).dtype)
+    if not np.issubdtype(dtype, np.inexact) or np.issubdtype(dtype, np.complexfloating):
+        raise TypeError(f"`{name}` must have a floating-point dtype (float32, bfloat16, float16, ...), got {dtype}.")
+
+
+def check_rank(name: str, shape: Sequence[int], expected: int | Sequence[int], layout: str) -> None:
+    """Raises ValueError unless ``len(shape)`` is ``expected`` (or one of them); ``layout`` names the axes."""
+    allowed = (expected,) if isinstance(expected, int) else tuple(expected)
+    if len(shape) not in allowed:
+        wanted = " or ".join(str(a) for a in allowed)
+        raise ValueError(f"`{name}` must have rank {wanted} {layout}, got shape {tuple(shape)!r}.")

@@ -1,0 +1,242 @@
+"""The ways to lower a per-sample convolution to XLA, all computing the same function.
+
+Every lowering takes canonical arguments: channels-last ``inputs`` ``(B, *spatial, C_in)``, kernels
+``(B, *kernel_size, C_in // G, C_out)`` and a :class:`ConvSpec` with explicit pads, and returns
+``(B, *out_spatial, C_out)`` without bias.
+
+* ``vmap``: ``jax.vmap`` over ``lax.conv_general_dilated``, the reference semantics. JAX batches it
+  into one grouped conv; its kernel gradient is a ``batch_group_count = B`` conv, which XLA:CPU
+  expands with a mask, so it gets slower with B (measured 50x-300x PyTorch on 2 CPU cores).
+* ``grouped``: the PyTorch trick written out (batch folded into channels, ``feature_group_count =
+  B * G``). The same program as ``vmap`` after batching, kept because it is what cuDNN is fast at.
+* ``scan``: ``lax.map`` over the batch of an ordinary single-kernel conv. XLA:CPU runs those with its
+  fast direct convolution, so this is the quickest CPU forward for 1-D and 2-D; its backward is slow.
+* ``im2col``: gather the ``prod(kernel_size)`` shifted views of the padded input and contract them
+  with the kernels in one batched matmul, over chunks of the batch (``lax.map``) sized so each
+  chunk's patches stay in cache, rematerialised in the backward pass. Forward and both gradients are
+  batched matmuls, so its fwd+bwd is the fastest on CPU.
+* ``auto``: see :func:`choose_lowering`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+from jdynconv._checks import Pads, conv_output_shape
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    """Static, canonical convolution hyper-parameters (hashable, so usable as a nondiff argument)."""
+
+    strides: tuple[int, ...]
+    pads: Pads
+    kernel_dilation: tuple[int, ...]
+    input_dilation: tuple[int, ...]
+    feature_group_count: int
+    precision: Any = None
+    preferred_element_type: Any = None
+
+
+def output_spatial_shape(spatial: Sequence[int], kernel_size: Sequence[int], spec: ConvSpec) -> tuple[int, ...]:
+    return conv_output_shape(
+        spatial,
+        kernel_size,
+        strides=spec.strides,
+        pads=spec.pads,
+        kernel_dilation=spec.kernel_dilation,
+        input_dilation=spec.input_dilation,
+    )
+
+
+Lowering = Callable[[jax.Array, jax.Array, ConvSpec], jax.Array]
+
+
+def _channels_last_dimension_numbers(num_spatial: int) -> lax.ConvDimensionNumbers:
+    spatial = tuple(range(1, num_spatial + 1))
+    lhs = (0, num_spatial + 1, *spatial)
+    rhs = (num_spatial + 1, num_spatial, *range(num_spatial))
+    return lax.ConvDimensionNumbers(lhs_spec=lhs, rhs_spec=rhs, out_spec=lhs)
+
+
+def _shared_conv(inputs: jax.Array, kernel: jax.Array, spec: ConvSpec, feature_group_count: int) -> jax.Array:
+    """``lax.conv_general_dilated`` in channels-last layout with one kernel for the whole batch."""
+    return lax.conv_general_dilated(
+        inputs,
+        kernel,
+        window_strides=spec.strides,
+        padding=spec.pads,
+        lhs_dilation=spec.input_dilation,
+        rhs_dilation=spec.kernel_dilation,
+        dimension_numbers=_channels_last_dimension_numbers(inputs.ndim - 2),
+        feature_group_count=feature_group_count,
+        precision=spec.precision,
+        preferred_element_type=spec.preferred_element_type,
+    )
+
+
+def conv_vmap(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """``jax.vmap`` of a single-sample convolution over the batch: the reference semantics."""
+
+    def one_sample(x: jax.Array, w: jax.Array) -> jax.Array:
+        return _shared_conv(x[None], w, spec, spec.feature_group_count)[0]
+
+    return jax.vmap(one_sample)(inputs, kernels)
+
+
+def conv_grouped(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """One conv with the batch folded into channels and ``feature_group_count = B * G``."""
+    batch, *spatial, in_channels = inputs.shape
+    *kernel_size, group_in, out_channels = kernels.shape[1:]
+    # (B, *S, C) -> (1, *S, B * C): channel b * C + c lands in group b * G + c // (C / G).
+    folded_inputs = jnp.moveaxis(inputs, 0, -2).reshape(1, *spatial, batch * in_channels)
+    folded_kernels = jnp.moveaxis(kernels, 0, -2).reshape(*kernel_size, group_in, batch * out_channels)
+    out = _shared_conv(folded_inputs, folded_kernels, spec, batch * spec.feature_group_count)[0]
+    return jnp.moveaxis(out.reshape(*out.shape[:-1], batch, out_channels), -2, 0)
+
+
+def extract_patches(inputs: jax.Array, kernel_size: tuple[int, ...], spec: ConvSpec) -> jax.Array:
+    """The receptive field of every output position: ``(B, *S, C) -> (B, *out, prod(kernel_size), C)``.
+
+    One strided slice per kernel tap of the dilated, padded input: a static loop over taps, so the
+    program grows with the kernel's size but never with the batch.
+    """
+    batch, *spatial, channels = inputs.shape
+    zero = jnp.zeros((), inputs.dtype)
+    padded = lax.pad(
+        inputs,
+        zero,
+        [(0, 0, 0), *((lo, hi, d - 1) for (lo, hi), d in zip(spec.pads, spec.input_dilation, strict=True)), (0, 0, 0)],
+    )
+    out_shape = output_spatial_shape(spatial, kernel_size, spec)
+    taps = []
+    for tap in itertools.product(*(range(k) for k in kernel_size)):
+        start = [t * kd for t, kd in zip(tap, spec.kernel_dilation, strict=True)]
+        limit = [st + (o - 1) * s + 1 for st, o, s in zip(start, out_shape, spec.strides, strict=True)]
+        taps.append(lax.slice(padded, (0, *start, 0), (batch, *limit, channels), (1, *spec.strides, 1)))
+    return jnp.stack(taps, axis=-2)
+
+
+def conv_im2col(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """Patches of the input contracted with the per-sample kernels in one batched matmul."""
+    batch = inputs.shape[0]
+    *kernel_size, group_in, out_channels = kernels.shape[1:]
+    groups = spec.feature_group_count
+    patches = extract_patches(inputs, tuple(kernel_size), spec)
+    out_spatial = patches.shape[1:-2]
+    taps = int(np.prod(kernel_size))
+    patches = patches.reshape(batch, -1, taps, groups, group_in)
+    # Output channel o belongs to group o // (C_out / G), as in lax.conv_general_dilated.
+    grouped_kernels = kernels.reshape(batch, taps, group_in, groups, out_channels // groups)
+    out = jnp.einsum(
+        "bptgc,btcgo->bpgo",
+        patches,
+        grouped_kernels,
+        precision=spec.precision,
+        preferred_element_type=spec.preferred_element_type,
+    )
+    return out.reshape(batch, *out_spatial, out_channels)
+
+
+# Patches of one chunk are kept around this size so they stay in a core's L2 cache; measured on 2
+# CPU cores (1 MiB L2 each): 1 to 4 MiB chunks were fastest for 1-D, 2-D and 3-D shapes.
+_CHUNK_BYTES = 2 * 1024 * 1024
+
+
+def im2col_chunk_size(
+    inputs_shape: tuple[int, ...], kernels_shape: tuple[int, ...], out_size: int, itemsize: int
+) -> int:
+    """How many samples of the batch ``conv_im2col_chunked`` processes at once."""
+    batch = inputs_shape[0]
+    taps = int(np.prod(kernels_shape[1:-2]))
+    patch_bytes_per_sample = out_size * taps * inputs_shape[-1] * itemsize
+    return int(max(1, min(batch, _CHUNK_BYTES // max(patch_bytes_per_sample, 1))))
+
+
+def conv_im2col_chunked(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """``conv_im2col`` over chunks of the batch; each chunk's patches are recomputed, not stored."""
+    out_size = int(np.prod(output_spatial_shape(inputs.shape[1:-1], kernels.shape[1:-2], spec)))
+    chunk = im2col_chunk_size(inputs.shape, kernels.shape, out_size, inputs.dtype.itemsize)
+    if chunk >= inputs.shape[0]:
+        return conv_im2col(inputs, kernels, spec)
+    body = jax.checkpoint(lambda pair: conv_im2col(pair[0][None], pair[1][None], spec)[0])
+    return lax.map(body, (inputs, kernels), batch_size=chunk)
+
+
+def conv_scan(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """``lax.map`` over the batch of one ordinary (single-kernel) convolution per sample."""
+
+    def one_sample(pair: tuple[jax.Array, jax.Array]) -> jax.Array:
+        x, w = pair
+        return _shared_conv(x[None], w, spec, spec.feature_group_count)[0]
+
+    return lax.map(one_sample, (inputs, kernels))
+
+
+def with_tangent_lowering(primal: Lowering, tangent: Lowering) -> Lowering:
+    """Computes values with ``primal`` and derivatives with ``tangent`` (same function, other program).
+
+    A custom JVP rather than a custom VJP, so forward mode, ``jax.hessian`` and nested ``jax.grad``
+    keep working: the tangent ``tangent(d_inputs, kernels) + tangent(inputs, d_kernels)`` is linear,
+    and JAX transposes it into the reverse pass.
+    """
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+    def conv(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+        return primal(inputs, kernels, spec)
+
+    @functools.partial(conv.defjvp, symbolic_zeros=True)
+    def conv_jvp(
+        spec: ConvSpec, primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]
+    ) -> tuple[jax.Array, jax.Array]:
+        inputs, kernels = primals
+        d_inputs, d_kernels = tangents
+        out = conv(inputs, kernels, spec)
+        terms = []
+        if not isinstance(d_inputs, SymbolicZero):
+            terms.append(tangent(d_inputs, kernels, spec))
+        if not isinstance(d_kernels, SymbolicZero):
+            terms.append(tangent(inputs, d_kernels, spec))
+        return out, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(out)
+
+    return conv
+
+
+# Direct-conv values, matmul derivatives: the CPU choice for 1-D and 2-D (see choose_lowering).
+conv_scan_im2col_grad = with_tangent_lowering(conv_scan, conv_im2col_chunked)
+# cuDNN's grouped forward, matmul derivatives: the accelerator choice.
+conv_grouped_im2col_grad = with_tangent_lowering(conv_grouped, conv_im2col)
+
+LOWERINGS: dict[str, Lowering] = {
+    "vmap": conv_vmap,
+    "grouped": conv_grouped,
+    "scan": conv_scan,
+    "im2col": conv_im2col_chunked,
+}
+
+
+def choose_lowering(backend: str, num_spatial: int, batch: int) -> Lowering:
+    """The ``method="auto"`` rule.
+
+    * CPU: values from ``scan`` (XLA's direct conv per sample) for 1-D and 2-D when the batch has more
+      than one chunk of work, else from ``im2col``; derivatives always from ``im2col``, whose kernel
+      gradient is a batched matmul rather than XLA:CPU's masked batch-group conv. XLA:CPU's 3-D direct
+      conv measured slower than the cached im2col, hence ``im2col`` values there.
+    * GPU/TPU: values from ``grouped`` (one cuDNN/TPU grouped conv), derivatives from ``im2col``,
+      avoiding the batch-group kernel gradient reported slow on GPU (jax issue 13800).
+    """
+    if backend == "cpu":
+        if num_spatial <= 2 and batch > 1:
+            return conv_scan_im2col_grad
+        return conv_im2col_chunked
+    return conv_grouped_im2col_grad
