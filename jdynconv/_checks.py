@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 PaddingLike = str | int | Sequence[int | tuple[int, int]]
@@ -125,8 +126,9 @@ def conv_output_shape(
 
 def check_float_dtype(name: str, array: object) -> None:
     """Raises TypeError unless ``array`` has a floating-point dtype."""
-    dtype = np.dtype(getattr(array, "dtype", None) or np.asarray(array).dtype)
-    if not np.issubdtype(dtype, np.inexact) or np.issubdtype(dtype, np.complexfloating):
+    dtype = array.dtype if hasattr(array, "dtype") else np.asarray(array).dtype
+    # jnp.issubdtype knows bfloat16 is a float; np.issubdtype does not.
+    if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"`{name}` must have a floating-point dtype (float32, bfloat16, float16, ...), got {dtype}.")
 
 

@@ -1,0 +1,357 @@
+"""jdynconv.functional against float64 NumPy references, every lowering, forward and gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import jdynconv as jdc
+from jdynconv import _lowerings
+from jdynconv.functional import METHODS
+from tests import reference
+from tests.helpers import assert_close
+
+F32_RTOL = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A per-sample conv configuration: the call's keyword arguments and the same thing made explicit."""
+
+    name: str
+    batch: int
+    in_channels: int
+    out_channels: int
+    spatial: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    kwargs: dict[str, Any]
+    geometry: reference.Geometry
+
+
+def _geo(strides, pads, kdil=None, idil=None, groups=1) -> reference.Geometry:
+    n = len(strides)
+    return reference.Geometry(tuple(strides), tuple(pads), tuple(kdil or (1,) * n), tuple(idil or (1,) * n), groups)
+
+
+CASES = [
+    Case("seed_k1", 4, 4, 8, (16,), (1,), {"padding": "VALID"}, _geo((1,), ((0, 0),))),
+    # SAME at stride 2 on an odd size: out 4, total pad (4-1)*2+3-7 = 2 -> (1, 1).
+    Case("1d_same_stride2", 3, 3, 5, (7,), (3,), {"strides": 2}, _geo((2,), ((1, 1),))),
+    # Even kernel: SAME's total pad 1 goes at the end (jax.lax / TF convention).
+    Case("1d_same_even_kernel", 2, 2, 3, (6,), (2,), {"padding": "SAME"}, _geo((1,), ((0, 1),))),
+    Case(
+        "1d_causal_dilated",
+        2,
+        2,
+        4,
+        (9,),
+        (3,),
+        {"padding": "CAUSAL", "kernel_dilation": 2},
+        _geo((1,), ((4, 0),), (2,)),
+    ),
+    Case(
+        "1d_groups_input_dilation",
+        2,
+        4,
+        6,
+        (5,),
+        (3,),
+        {"padding": ((2, 1),), "input_dilation": 2, "feature_group_count": 2},
+        _geo((1,), ((2, 1),), idil=(2,), groups=2),
+    ),
+    Case(
+        "2d_groups_stride_dilation",
+        3,
+        4,
+        4,
+        (7, 6),
+        (3, 2),
+        {"padding": (1, (0, 2)), "strides": (2, 1), "kernel_dilation": (1, 2), "feature_group_count": 2},
+        _geo((2, 1), ((1, 1), (0, 2)), kdil=(1, 2), groups=2),
+    ),
+    Case(
+        "2d_depthwise",
+        2,
+        3,
+        6,
+        (5, 5),
+        (3, 3),
+        {"padding": 1, "feature_group_count": 3},
+        _geo((1, 1), ((1, 1), (1, 1)), groups=3),
+    ),
+    Case(
+        "3d_stride",
+        2,
+        2,
+        3,
+        (4, 5, 3),
+        (2, 3, 1),
+        {"padding": "VALID", "strides": (1, 2, 1)},
+        _geo((1, 2, 1), ((0, 0),) * 3),
+    ),
+    Case("3d_same", 2, 2, 2, (3, 4, 4), (3, 3, 3), {}, _geo((1, 1, 1), ((1, 1),) * 3)),
+]
+CASE_IDS = [c.name for c in CASES]
+
+
+def _random(case: Case, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    groups = case.geometry.groups
+    x = rng.standard_normal((case.batch, *case.spatial, case.in_channels)).astype(np.float32)
+    w = rng.standard_normal((case.batch, *case.kernel_size, case.in_channels // groups, case.out_channels))
+    b = rng.standard_normal((case.batch, case.out_channels)).astype(np.float32)
+    return x, w.astype(np.float32), b
+
+
+def _conv_fn(case: Case, method: str, **extra: Any):
+    return jax.jit(lambda x, w, b: jdc.per_sample_conv(x, w, b, method=method, **case.kwargs, **extra))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_forward_matches_float64_reference(case: Case, method: str) -> None:
+    x, w, b = _random(case, seed=0)
+    out = _conv_fn(case, method)(x, w, b)
+    assert out.dtype == jnp.float32
+    assert_close(out, reference.conv(x, w, b, case.geometry), F32_RTOL, f"{case.name}/{method}")
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_gradients_match_float64_reference(case: Case, method: str) -> None:
+    x, w, b = _random(case, seed=1)
+    fn = _conv_fn(case, method)
+    out, vjp = jax.vjp(fn, x, w, b)
+    cotangent = np.random.default_rng(2).standard_normal(out.shape).astype(np.float32)
+    d_x, d_w, d_b = jax.jit(vjp)(cotangent)
+    ref_x, ref_w, ref_b = reference.conv_vjp(x, w, cotangent, case.geometry, bias_shape=b.shape)
+    assert_close(d_x, ref_x, F32_RTOL, "d_inputs")
+    assert_close(d_w, ref_w, F32_RTOL, "d_kernels")
+    assert_close(d_b, ref_b, F32_RTOL, "d_bias")
+
+
+@pytest.mark.parametrize("method", ["auto", "im2col"])
+def test_shared_bias_and_its_gradient(method: str) -> None:
+    case = CASES[5]
+    x, w, _ = _random(case, seed=3)
+    bias = np.random.default_rng(4).standard_normal(case.out_channels).astype(np.float32)
+    fn = _conv_fn(case, method)
+    assert_close(fn(x, w, bias), reference.conv(x, w, bias, case.geometry), F32_RTOL)
+    out, vjp = jax.vjp(fn, x, w, bias)
+    cotangent = np.ones(out.shape, np.float32)
+    _, _, ref_b = reference.conv_vjp(x, w, cotangent, case.geometry, bias_shape=bias.shape)
+    assert_close(vjp(cotangent)[2], ref_b, F32_RTOL, "d_bias")
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", [CASES[5], CASES[7]], ids=[CASES[5].name, CASES[7].name])
+def test_channels_first_is_the_pytorch_layout(case: Case, method: str) -> None:
+    x, w, b = _random(case, seed=5)
+    n = len(case.spatial)
+    x_cf = np.moveaxis(x, -1, 1)
+    w_cf = np.moveaxis(w, (-1, -2), (1, 2))  # (B, *K, I, O) -> (B, O, I, *K)
+    out = jdc.per_sample_conv(x_cf, w_cf, b, data_format="channels_first", method=method, **case.kwargs)
+    expected = np.moveaxis(reference.conv(x, w, b, case.geometry), -1, 1)
+    assert out.shape == expected.shape == (case.batch, case.out_channels, *expected.shape[2 : 2 + n])
+    assert_close(out, expected, F32_RTOL)
+
+
+@st.composite
+def conv_configs(draw: st.DrawFn) -> tuple[Case, str]:
+    n = draw(st.integers(1, 3))
+    groups = draw(st.integers(1, 2))
+    spatial = tuple(draw(st.lists(st.integers(1, 6), min_size=n, max_size=n)))
+    kernel = tuple(draw(st.lists(st.integers(1, 3), min_size=n, max_size=n)))
+    strides = tuple(draw(st.lists(st.integers(1, 3), min_size=n, max_size=n)))
+    kdil = tuple(draw(st.lists(st.integers(1, 2), min_size=n, max_size=n)))
+    idil = tuple(draw(st.lists(st.integers(1, 2), min_size=n, max_size=n)))
+    pads = tuple(draw(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=n, max_size=n)))
+    geo = reference.Geometry(strides, pads, kdil, idil, groups)
+    for size, k, (lo, hi), kd, d in zip(spatial, kernel, pads, kdil, idil, strict=True):
+        assume((size - 1) * d + 1 + lo + hi >= (k - 1) * kd + 1)
+    case = Case(
+        "hypothesis",
+        draw(st.integers(1, 3)),
+        groups * draw(st.integers(1, 3)),
+        groups * draw(st.integers(1, 3)),
+        spatial,
+        kernel,
+        {
+            "strides": strides,
+            "padding": pads,
+            "kernel_dilation": kdil,
+            "input_dilation": idil,
+            "feature_group_count": groups,
+        },
+        geo,
+    )
+    return case, draw(st.sampled_from(METHODS))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(conv_configs(), st.integers(0, 2**16))
+def test_random_valid_configurations_match_reference(config: tuple[Case, str], seed: int) -> None:
+    case, method = config
+    x, w, b = _random(case, seed)
+    fn = _conv_fn(case, method)
+    out, vjp = jax.vjp(fn, x, w, b)
+    assert_close(out, reference.conv(x, w, b, case.geometry), F32_RTOL, "forward")
+    cotangent = np.random.default_rng(seed + 1).standard_normal(out.shape).astype(np.float32)
+    for got, want, name in zip(
+        vjp(cotangent),
+        reference.conv_vjp(x, w, cotangent, case.geometry, bias_shape=b.shape),
+        ("x", "w", "b"),
+        strict=True,
+    ):
+        assert_close(got, want, F32_RTOL, f"d_{name}")
+
+
+def _scalar_loss(case: Case, method: str):
+    def loss(x: jax.Array, w: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.tanh(jdc.per_sample_conv(x, w, method=method, **case.kwargs)))
+
+    return loss
+
+
+@pytest.mark.parametrize("method", ["auto", "im2col", "scan"])
+def test_nested_grad_agrees_with_vmap_reference_semantics(method: str) -> None:
+    case = CASES[5]
+    x, w, _ = _random(case, seed=6)
+
+    def grad_norm(loss):
+        # d/dx of |dL/dw|^2: a second-order derivative through both inputs.
+        return jax.jit(jax.grad(lambda x, w: jnp.sum(jax.grad(loss, argnums=1)(x, w) ** 2)))
+
+    expected = grad_norm(_scalar_loss(case, "vmap"))(x, w)
+    assert_close(grad_norm(_scalar_loss(case, method))(x, w), expected, 1e-4)
+
+
+@pytest.mark.parametrize("method", ["auto", "im2col"])
+def test_forward_mode_jvp_matches_reference(method: str) -> None:
+    case = CASES[1]
+    x, w, _ = _random(case, seed=7)
+    dx, dw, _ = _random(case, seed=8)
+    _, tangent = jax.jvp(lambda x, w: jdc.per_sample_conv(x, w, method=method, **case.kwargs), (x, w), (dx, dw))
+    # conv is bilinear: d conv = conv(dx, w) + conv(x, dw).
+    expected = reference.conv(dx, w, None, case.geometry) + reference.conv(x, dw, None, case.geometry)
+    assert_close(tangent, expected, F32_RTOL)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_outer_vmap_over_an_extra_axis(method: str) -> None:
+    case = CASES[5]
+    xs = np.stack([_random(case, seed)[0] for seed in (9, 10)])
+    ws = np.stack([_random(case, seed)[1] for seed in (11, 12)])
+    out = jax.jit(jax.vmap(lambda x, w: jdc.per_sample_conv(x, w, method=method, **case.kwargs)))(xs, ws)
+    for i in range(2):
+        assert_close(out[i], reference.conv(xs[i], ws[i], None, case.geometry), F32_RTOL)
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(jnp.bfloat16, 2e-2), (jnp.float16, 2e-3)])
+@pytest.mark.parametrize("method", METHODS)
+def test_half_precision_within_stated_tolerance(method: str, dtype: Any, rtol: float) -> None:
+    # bfloat16 keeps 8 significand bits (relative rounding 2^-8 ~ 4e-3 per product/sum): 2e-2 of the
+    # output scale covers the rounding of the inputs, products and accumulation in a 36-term sum.
+    case = CASES[5]
+    x, w, b = _random(case, seed=13)
+    x_h, w_h, b_h = (jnp.asarray(a, dtype) for a in (x, w, b))
+    out = _conv_fn(case, method)(x_h, w_h, b_h)
+    assert out.dtype == dtype
+    expected = reference.conv(
+        np.asarray(x_h, np.float64), np.asarray(w_h, np.float64), np.asarray(b_h, np.float64), case.geometry
+    )
+    assert_close(out, expected, rtol)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_preferred_element_type_accumulates_and_returns_float32(method: str) -> None:
+    case = CASES[5]
+    x, w, b = _random(case, seed=14)
+    x_h, w_h, b_h = (jnp.asarray(a, jnp.bfloat16) for a in (x, w, b))
+    out = _conv_fn(case, method, preferred_element_type=jnp.float32)(x_h, w_h, b_h)
+    assert out.dtype == jnp.float32
+    expected = reference.conv(
+        np.asarray(x_h, np.float64), np.asarray(w_h, np.float64), np.asarray(b_h, np.float64), case.geometry
+    )
+    # Products of bfloat16 values are exact in float32; only the final bias add rounds at bf16.
+    assert_close(out, expected, 1e-2)
+
+
+def test_precision_highest_is_accepted_by_every_method() -> None:
+    case = CASES[5]
+    x, w, b = _random(case, seed=15)
+    expected = reference.conv(x, w, b, case.geometry)
+    for method in METHODS:
+        out = _conv_fn(case, method, precision=jax.lax.Precision.HIGHEST)(x, w, b)
+        assert_close(out, expected, F32_RTOL, method)
+
+
+def _conv_batch_group_counts(fn, *args) -> list[int]:
+    """batch_group_count of every conv in the (nested) jaxpr of ``fn``."""
+    counts = []
+
+    def visit(jaxpr: jax.extend.core.Jaxpr) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                counts.append(eqn.params["batch_group_count"])
+            for sub in _subjaxprs(eqn):
+                visit(sub)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return counts
+
+
+def _subjaxprs(eqn: Any) -> list[Any]:
+    found = []
+    for value in eqn.params.values():
+        for item in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(item, jax.extend.core.ClosedJaxpr):
+                found.append(item.jaxpr)
+            elif isinstance(item, jax.extend.core.Jaxpr):
+                found.append(item)
+    return found
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[8]], ids=["1d", "2d", "3d"])
+def test_auto_gradient_has_no_batch_group_conv(case: Case) -> None:
+    """The point of "auto": its kernel gradient must not be XLA:CPU's slow batch-group conv."""
+    x, w, _ = _random(case, seed=16)
+    grad = jax.grad(lambda x, w: jnp.sum(jdc.per_sample_conv(x, w, method="auto", **case.kwargs) ** 2), argnums=(0, 1))
+    assert all(count == 1 for count in _conv_batch_group_counts(grad, x, w))
+    # And the check can fail: the vmap reference's gradient does contain one.
+    grad_vmap = jax.grad(
+        lambda x, w: jnp.sum(jdc.per_sample_conv(x, w, method="vmap", **case.kwargs) ** 2), argnums=(0, 1)
+    )
+    assert any(count == case.batch * case.geometry.groups for count in _conv_batch_group_counts(grad_vmap, x, w))
+
+
+def test_auto_rule_by_backend_and_rank() -> None:
+    assert _lowerings.choose_lowering("cpu", 1, 8) is _lowerings.conv_scan_im2col_grad
+    assert _lowerings.choose_lowering("cpu", 2, 8) is _lowerings.conv_scan_im2col_grad
+    assert _lowerings.choose_lowering("cpu", 3, 8) is _lowerings.conv_im2col_chunked
+    assert _lowerings.choose_lowering("cpu", 2, 1) is _lowerings.conv_im2col_chunked
+    assert _lowerings.choose_lowering("gpu", 2, 8) is _lowerings.conv_grouped_im2col_grad
+
+
+def test_im2col_chunks_large_batches_and_still_matches() -> None:
+    # 40 samples of (20, 20) x 8 channels x 9 taps: ~115 KiB of patches each, so several chunks.
+    case = Case("chunked", 40, 8, 4, (20, 20), (3, 3), {"padding": 1}, _geo((1, 1), ((1, 1), (1, 1))))
+    x, w, b = _random(case, seed=17)
+    chunk = _lowerings.im2col_chunk_size(x.shape, w.shape, 400, 4)
+    assert 1 < chunk < case.batch
+    assert case.batch % chunk != 0  # a ragged last chunk too
+    fn = _conv_fn(case, "im2col")
+    out, vjp = jax.vjp(fn, x, w, b)
+    assert_close(out, reference.conv(x, w, b, case.geometry), F32_RTOL)
+    cotangent = np.random.default_rng(18).standard_normal(out.shape).astype(np.float32)
+    ref = reference.conv_vjp(x, w, cotangent, case.geometry, bias_shape=b.shape)
+    for got, want in zip(vjp(cotangent), ref, strict=True):
+        assert_close(got, want, F32_RTOL)
