@@ -14,7 +14,7 @@ from jax.typing import ArrayLike
 from jdynconv import _checks, _lowerings
 
 DataFormat = Literal["channels_last", "channels_first"]
-Method = Literal["auto", "vmap", "grouped", "scan", "im2col"]
+Method = Literal["auto", "vmap", "grouped", "scan", "im2col", "hybrid"]
 
 METHODS: tuple[str, ...] = ("auto", *_lowerings.LOWERINGS)
 DATA_FORMATS: tuple[str, ...] = ("channels_last", "channels_first")
@@ -59,7 +59,7 @@ def per_sample_conv(
       preferred_element_type: accumulation and output dtype, as in ``jax.lax``.
       method: ``"auto"`` (fastest correct lowering for the backend; see
         :func:`jdynconv._lowerings.choose_lowering`), ``"vmap"`` (reference semantics), ``"grouped"``,
-        ``"scan"`` or ``"im2col"``. All compute the same function.
+        ``"scan"``, ``"im2col"`` or ``"hybrid"``. All compute the same function.
 
     Returns:
       ``(B, *out_spatial, C_out)`` for ``"channels_last"``, ``(B, C_out, *out_spatial)`` for
@@ -123,10 +123,7 @@ def per_sample_conv(
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
-    if method == "auto":
-        lowering = _lowerings.choose_lowering(jax.default_backend(), num_spatial, batch)
-    else:
-        lowering = _lowerings.LOWERINGS[method]
+    lowering = _lowerings.choose_lowering(jax.default_backend()) if method == "auto" else _lowerings.LOWERINGS[method]
     out = lowering(inputs, kernels, spec)
     if bias is not None:
         out = out + _broadcastable_bias(bias, batch, out_channels, inputs.dtype, num_spatial).astype(out.dtype)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import jdynconv as jdc
 
-METHODS = ("auto", "vmap", "grouped", "scan", "im2col")
+METHODS = jdc.functional.METHODS
 TORCH_CONVS: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 Pairs = tuple[tuple[int, int], ...]
