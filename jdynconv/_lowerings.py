@@ -71,7 +71,7 @@ def _channels_last_dimension_numbers(num_spatial: int) -> lax.ConvDimensionNumbe
     return lax.ConvDimensionNumbers(lhs_spec=lhs, rhs_spec=rhs, out_spec=lhs)
 
 
-def _shared_conv(inputs: jax.Array, kernel: jax.Array, spec: ConvSpec, feature_group_count: int) -> jax.Array:
+def shared_conv(inputs: jax.Array, kernel: jax.Array, spec: ConvSpec, feature_group_count: int) -> jax.Array:
     """``lax.conv_general_dilated`` in channels-last layout with one kernel for the whole batch."""
     return lax.conv_general_dilated(
         inputs,
@@ -91,7 +91,7 @@ def conv_vmap(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Arra
     """``jax.vmap`` of a single-sample convolution over the batch: the reference semantics."""
 
     def one_sample(x: jax.Array, w: jax.Array) -> jax.Array:
-        return _shared_conv(x[None], w, spec, spec.feature_group_count)[0]
+        return shared_conv(x[None], w, spec, spec.feature_group_count)[0]
 
     return jax.vmap(one_sample)(inputs, kernels)
 
@@ -103,7 +103,7 @@ def conv_grouped(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.A
     # (B, *S, C) -> (1, *S, B * C): channel b * C + c lands in group b * G + c // (C / G).
     folded_inputs = jnp.moveaxis(inputs, 0, -2).reshape(1, *spatial, batch * in_channels)
     folded_kernels = jnp.moveaxis(kernels, 0, -2).reshape(*kernel_size, group_in, batch * out_channels)
-    out = _shared_conv(folded_inputs, folded_kernels, spec, batch * spec.feature_group_count)[0]
+    out = shared_conv(folded_inputs, folded_kernels, spec, batch * spec.feature_group_count)[0]
     return jnp.moveaxis(out.reshape(*out.shape[:-1], batch, out_channels), -2, 0)
 
 
@@ -182,7 +182,7 @@ def conv_scan(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Arra
 
     def one_sample(pair: tuple[jax.Array, jax.Array]) -> jax.Array:
         x, w = pair
-        return _shared_conv(x[None], w, spec, spec.feature_group_count)[0]
+        return shared_conv(x[None], w, spec, spec.feature_group_count)[0]
 
     return lax.map(one_sample, (inputs, kernels))
 

@@ -5,6 +5,7 @@ Everything here is jit-, grad- and vmap-safe; validation runs on static shapes a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import jax
@@ -95,6 +96,41 @@ def per_sample_conv(
         raise ValueError(f"`kernels` must have batch size {batch} to match `inputs`, got shape {given_kernel_shape}.")
     groups = _check_groups(feature_group_count, in_channels, group_in_channels, out_channels, given_kernel_shape)
 
+    spec = conv_spec(
+        spatial,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        kernel_dilation=kernel_dilation,
+        input_dilation=input_dilation,
+        feature_group_count=groups,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+    lowering = _lowerings.choose_lowering(jax.default_backend()) if method == "auto" else _lowerings.LOWERINGS[method]
+    out = lowering(inputs, kernels, spec)
+    if bias is not None:
+        out = out + _broadcastable_bias(bias, batch, out_channels, inputs.dtype, num_spatial).astype(out.dtype)
+    return jnp.moveaxis(out, -1, 1) if channels_first else out
+
+
+def conv_spec(
+    spatial: Sequence[int],
+    kernel_size: Sequence[int],
+    *,
+    strides: _checks.IntOrSequence,
+    padding: _checks.PaddingLike,
+    kernel_dilation: _checks.IntOrSequence,
+    input_dilation: _checks.IntOrSequence,
+    feature_group_count: int,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> _lowerings.ConvSpec:
+    """Validates and canonicalises conv hyper-parameters for inputs of ``spatial`` shape.
+
+    Raises if the (dilated) kernel does not fit the padded input. Shared by every jdynconv layer.
+    """
+    num_spatial = len(spatial)
     strides_t = _checks.canonicalize_ints(strides, num_spatial, "strides")
     kernel_dilation_t = _checks.canonicalize_ints(kernel_dilation, num_spatial, "kernel_dilation")
     input_dilation_t = _checks.canonicalize_ints(input_dilation, num_spatial, "input_dilation")
@@ -114,20 +150,15 @@ def per_sample_conv(
         kernel_dilation=kernel_dilation_t,
         input_dilation=input_dilation_t,
     )
-    spec = _lowerings.ConvSpec(
+    return _lowerings.ConvSpec(
         strides=strides_t,
         pads=pads,
         kernel_dilation=kernel_dilation_t,
         input_dilation=input_dilation_t,
-        feature_group_count=groups,
+        feature_group_count=feature_group_count,
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
-    lowering = _lowerings.choose_lowering(jax.default_backend()) if method == "auto" else _lowerings.LOWERINGS[method]
-    out = lowering(inputs, kernels, spec)
-    if bias is not None:
-        out = out + _broadcastable_bias(bias, batch, out_channels, inputs.dtype, num_spatial).astype(out.dtype)
-    return jnp.moveaxis(out, -1, 1) if channels_first else out
 
 
 def _check_groups(
