@@ -72,13 +72,22 @@ def _channels_last_dimension_numbers(num_spatial: int) -> lax.ConvDimensionNumbe
 
 
 def shared_conv(inputs: jax.Array, kernel: jax.Array, spec: ConvSpec, feature_group_count: int) -> jax.Array:
-    """``lax.conv_general_dilated`` in channels-last layout with one kernel for the whole batch."""
+    """``lax.conv_general_dilated`` in channels-last layout with one kernel for the whole batch.
+
+    Input dilation is applied as an explicit interior pad rather than ``lhs_dilation``: with jax
+    0.10.2, XLA:CPU aborts the process (algebraic_simplifier CHECK "Window dimensions do not match
+    RHS shape") compiling the input gradient of some strided 2-D/3-D convs with ``lhs_dilation``, e.g.
+    spatial (3, 6), kernel (2, 3), strides 3, padding ((1, 0), (2, 2)), lhs_dilation (1, 2). The
+    gradient of a pad is a strided slice, which compiles everywhere.
+    """
+    if any(d > 1 for d in spec.input_dilation):
+        interior = [(0, 0, 0), *((0, 0, d - 1) for d in spec.input_dilation), (0, 0, 0)]
+        inputs = lax.pad(inputs, jnp.zeros((), inputs.dtype), interior)
     return lax.conv_general_dilated(
         inputs,
         kernel,
         window_strides=spec.strides,
         padding=spec.pads,
-        lhs_dilation=spec.input_dilation,
         rhs_dilation=spec.kernel_dilation,
         dimension_numbers=_channels_last_dimension_numbers(inputs.ndim - 2),
         feature_group_count=feature_group_count,

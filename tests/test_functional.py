@@ -98,6 +98,17 @@ CASES = [
         _geo((1, 2, 1), ((0, 0),) * 3),
     ),
     Case("3d_same", 2, 2, 2, (3, 4, 4), (3, 3, 3), {}, _geo((1, 1, 1), ((1, 1),) * 3)),
+    # XLA:CPU aborted the process compiling lax's input gradient of this one (see _lowerings.shared_conv).
+    Case(
+        "2d_input_dilation_strided",
+        2,
+        2,
+        3,
+        (3, 6),
+        (2, 3),
+        {"strides": 3, "padding": ((1, 0), (2, 2)), "input_dilation": (1, 2)},
+        _geo((3, 3), ((1, 0), (2, 2)), idil=(1, 2)),
+    ),
 ]
 CASE_IDS = [c.name for c in CASES]
 
@@ -196,7 +207,7 @@ def conv_configs(draw: st.DrawFn) -> tuple[Case, str]:
     return case, draw(st.sampled_from(METHODS))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.filter_too_much])
 @given(conv_configs(), st.integers(0, 2**16))
 def test_random_valid_configurations_match_reference(config: tuple[Case, str], seed: int) -> None:
     case, method = config
