@@ -207,7 +207,7 @@ def conv_configs(draw: st.DrawFn) -> tuple[Case, str]:
     return case, draw(st.sampled_from(METHODS))
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.filter_too_much])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(conv_configs(), st.integers(0, 2**16))
 def test_random_valid_configurations_match_reference(config: tuple[Case, str], seed: int) -> None:
     case, method = config
