@@ -65,6 +65,11 @@ def _from_fused(fused: jax.Array, k: int, groups: int) -> jax.Array:
     return jnp.swapaxes(fused.reshape(groups, k, -1), 0, 1).reshape(k, -1)
 
 
+def _per_channel(values: jax.Array, ndim: int) -> jax.Array:
+    """``(C,)`` -> ``(1, ..., 1, C)``: explicit broadcasting, no implicit rank promotion."""
+    return values.reshape((1,) * (ndim - 1) + (-1,))
+
+
 def fused_kernel(bank: jax.Array, groups: int) -> jax.Array:
     """``(k, *K, C_in // G, F)`` -> one conv kernel ``(*K, C_in // G, G * k * F // G)``."""
     k, *kernel_size, group_in, features = bank.shape
@@ -96,6 +101,42 @@ def gate_activation(logits: jax.Array, activation: str | Activation, temperature
     return logits
 
 
+def _batch_norm(
+    out: jax.Array,
+    scale: jax.Array,
+    offset: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    *,
+    training: bool,
+    norm: NormConfig,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Per-channel BatchNorm of channels-last ``out`` with ``(C,)`` parameters and running statistics.
+
+    Returns the normalised values and the new running ``(mean, var)`` (unchanged unless training).
+    """
+    # Statistics in at least float32, as Flax's BatchNorm does, whatever the compute dtype.
+    stats_dtype = jnp.float32 if jnp.finfo(out.dtype).bits < 32 else out.dtype
+    values = out.astype(stats_dtype)
+    if training:
+        reduce_axes = tuple(range(out.ndim - 1))
+        batch_mean = jnp.mean(values, axis=reduce_axes)
+        batch_var = jnp.mean(jnp.square(values - _per_channel(batch_mean, out.ndim)), axis=reduce_axes)
+        count = out.size // out.shape[-1]
+        # PyTorch stores the unbiased variance in running_var (n / (n - 1)); Flax the biased one.
+        var_update = batch_var * (count / max(count - 1, 1)) if norm.unbiased_running_var else batch_var
+        new_mean = norm.momentum * mean + (1 - norm.momentum) * batch_mean.astype(mean.dtype)
+        new_var = norm.momentum * var + (1 - norm.momentum) * var_update.astype(var.dtype)
+        use_mean, use_var = batch_mean, batch_var
+    else:
+        new_mean, new_var = mean, var
+        use_mean, use_var = mean.astype(stats_dtype), var.astype(stats_dtype)
+    inv_std = lax.rsqrt(use_var + norm.epsilon) * scale.astype(stats_dtype)
+    shift = offset.astype(stats_dtype) - use_mean * inv_std
+    normalised = values * _per_channel(inv_std, out.ndim) + _per_channel(shift, out.ndim)
+    return normalised.astype(out.dtype), (new_mean, new_var)
+
+
 def branch_mix(
     inputs: jax.Array,
     gate_weights: jax.Array,
@@ -125,31 +166,53 @@ def branch_mix(
     k, features = params.scale.shape
     out = _lowerings.shared_conv(inputs, fused_kernel(params.kernel, groups), spec, groups)
     if params.bias is not None:
-        out = out + _to_fused(params.bias, groups).astype(out.dtype)
-    # Statistics in at least float32, as Flax's BatchNorm does, whatever the compute dtype.
-    stats_dtype = jnp.promote_types(out.dtype, jnp.float32)
-    reduce_axes = tuple(range(out.ndim - 1))
-    if training:
-        batch_mean = jnp.mean(out.astype(stats_dtype), axis=reduce_axes)
-        batch_var = jnp.mean(jnp.square(out.astype(stats_dtype) - batch_mean), axis=reduce_axes)
-        count = out.size // out.shape[-1]
-        # PyTorch stores the unbiased variance in running_var (n / (n - 1)); Flax the biased one.
-        running_var_update = batch_var * (count / max(count - 1, 1)) if norm.unbiased_running_var else batch_var
-        momentum = norm.momentum
-        new_mean = momentum * mean + (1 - momentum) * _from_fused(batch_mean, k, groups).astype(mean.dtype)
-        new_var = momentum * var + (1 - momentum) * _from_fused(running_var_update, k, groups).astype(var.dtype)
-        use_mean, use_var = batch_mean, batch_var
-    else:
-        new_mean, new_var = mean, var
-        use_mean, use_var = _to_fused(mean, groups), _to_fused(var, groups)
-    inv_std = lax.rsqrt(use_var.astype(stats_dtype) + norm.epsilon) * _to_fused(params.scale, groups)
-    shift = _to_fused(params.offset, groups) - use_mean * inv_std
-    normalised = (out.astype(stats_dtype) * inv_std + shift).astype(out.dtype)
+        out = out + _per_channel(_to_fused(params.bias, groups).astype(out.dtype), out.ndim)
+    fused = [_to_fused(p, groups) for p in (params.scale, params.offset, mean, var)]
+    normalised, (new_mean, new_var) = _batch_norm(out, *fused, training=training, norm=norm)
     activated = activation(normalised)
     # (B, *out, G * k * F/G) -> (B, *out, G, k, F/G): mix over k, then back to F channels.
     split = activated.reshape(*activated.shape[:-1], groups, k, features // groups)
     mixed = mix_outputs(split, gate_weights.astype(split.dtype), axis=split.ndim - 2)
-    return mixed.reshape(*mixed.shape[:-2], features), (new_mean, new_var)
+    stats = (_from_fused(new_mean, k, groups), _from_fused(new_var, k, groups))
+    return mixed.reshape(*mixed.shape[:-2], features), stats
+
+
+def branch_mix_rematerialised(
+    inputs: jax.Array,
+    gate_weights: jax.Array,
+    params: BranchParams,
+    mean: jax.Array,
+    var: jax.Array,
+    *,
+    spec: _lowerings.ConvSpec,
+    training: bool,
+    norm: NormConfig,
+    activation: Activation,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """:func:`branch_mix` one branch at a time, each recomputed in the backward pass.
+
+    A ``lax.scan`` over the k branches accumulating ``gate_weights[:, n] * branch_n`` with a
+    checkpointed body: the backward pass keeps one branch's activations at a time instead of k, so
+    training memory does not grow with k (the program does not either). Slower than the fused form:
+    k convs of ``features`` channels instead of one of ``k * features``.
+    """
+    groups = spec.feature_group_count
+
+    @jax.checkpoint
+    def add_branch(total: jax.Array, branch: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        kernel, bias, scale, offset, branch_mean, branch_var, weight = branch
+        out = _lowerings.shared_conv(inputs, kernel, spec, groups)
+        if bias is not None:
+            out = out + _per_channel(bias.astype(out.dtype), out.ndim)
+        normalised, stats = _batch_norm(out, scale, offset, branch_mean, branch_var, training=training, norm=norm)
+        weight = weight.astype(total.dtype).reshape((-1,) + (1,) * (total.ndim - 1))
+        return total + weight * activation(normalised).astype(total.dtype), stats
+
+    out_spatial = _lowerings.output_spatial_shape(inputs.shape[1:-1], params.kernel.shape[1:-2], spec)
+    out_dtype = spec.preferred_element_type or inputs.dtype
+    total = jnp.zeros((inputs.shape[0], *out_spatial, params.scale.shape[1]), out_dtype)
+    branches = (*params, mean, var, gate_weights.T)
+    return lax.scan(add_branch, total, branches)
 
 
 def check_gate_weights(gate_weights: Any, batch: int, k: int) -> None:
@@ -193,11 +256,11 @@ def check_inputs(inputs: jax.Array, in_features: int | None, feature_group_count
         )
 
 
-def check_gate_size(gate_in: jax.Array, expected: int, inputs_shape: tuple[int, ...]) -> None:
+def check_gate_size(got: int, expected: int, inputs_shape: tuple[int, ...]) -> None:
     """The flatten gate's Dense was built for one input size; say which when another comes."""
-    if gate_in.shape[-1] != expected:
+    if got != expected:
         raise ValueError(
-            f"`inputs` of shape {inputs_shape} give {gate_in.shape[-1]} gate features (C * prod(spatial) for "
+            f"`inputs` of shape {inputs_shape} give {got} gate features (C * prod(spatial) for "
             f'`gate_input="flatten"`), but the gate was built for {expected}; use inputs of the original size '
             'or `gate_input="mean"` for size-independent gating.'
         )
@@ -245,9 +308,9 @@ def apply_block(
     """The whole block: gate (unless ``gate_weights`` is given), then the fused branches."""
     if gate_weights is None:
         gate_in = gate_features(inputs, config.gate_input)
-        check_gate_size(gate_in, gate_kernel.shape[0], inputs.shape)
+        check_gate_size(gate_in.shape[-1], gate_kernel.shape[0], inputs.shape)
         gate_in, gate_kernel, gate_bias = promote_dtype((gate_in, gate_kernel, gate_bias), dtype=config.dtype)
-        logits = jnp.matmul(gate_in, gate_kernel, precision=config.precision) + gate_bias
+        logits = jnp.matmul(gate_in, gate_kernel, precision=config.precision) + gate_bias[None, :]
         gate_weights = gate_activation(logits, config.gate_activation, temperature)
     else:
         check_gate_weights(gate_weights, inputs.shape[0], config.num_branches)
@@ -263,12 +326,10 @@ def apply_block(
         precision=config.precision,
     )
     forward = functools.partial(
-        branch_mix,
+        branch_mix_rematerialised if config.remat else branch_mix,
         spec=spec,
         training=training,
         norm=NormConfig(config.momentum, config.epsilon, config.unbiased_running_var),
         activation=config.branch_activation,
     )
-    if config.remat:
-        forward = jax.checkpoint(forward)
     return forward(inputs, gate_weights, BranchParams(*promoted), mean, var)

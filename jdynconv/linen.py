@@ -125,6 +125,10 @@ class BranchMixConv(nn.Module):
         in_channels = inputs.shape[-1]
 
         gate_dim = in_channels * math.prod(inputs.shape[1:-1]) if self.gate_input == "flatten" else in_channels
+        if self.has_variable("params", "gate_kernel"):
+            # Before self.param, whose own shape error would not say what the gate was built for.
+            built_for = self.get_variable("params", "gate_kernel").shape[0]
+            _branch_mix.check_gate_size(gate_dim, built_for, inputs.shape)
         gate_kernel = self.param("gate_kernel", self.gate_kernel_init, (gate_dim, k), self.param_dtype)
         gate_bias = self.param("gate_bias", self.gate_bias_init, (k,), self.param_dtype)
         kernel = self.param(

@@ -108,3 +108,56 @@ def conv_vjp(
         if len(bias_shape) == 1:
             d_bias = d_bias.sum(axis=0)
     return d_x, d_w, d_bias
+
+
+def leaky_relu(x: np.ndarray, slope: float = 0.01) -> np.ndarray:
+    return np.where(x >= 0, x, slope * x)
+
+
+def branch_mix(
+    x: np.ndarray,
+    params: dict[str, np.ndarray],
+    mean: np.ndarray,
+    var: np.ndarray,
+    geo: Geometry,
+    *,
+    training: bool,
+    gate: str = "leaky_relu",
+    gate_input: str = "flatten",
+    temperature: float = 1.0,
+    epsilon: float = 1e-5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The seed's block written out branch by branch: returns (output, batch mean, batch variance).
+
+    ``x`` is channels-last; the flatten gate flattens channel-major (PyTorch's order).
+    """
+    x = np.asarray(x, np.float64)
+    batch = x.shape[0]
+    k = params["kernel"].shape[0]
+    gate_in = (
+        np.moveaxis(x, -1, 1).reshape(batch, -1)
+        if gate_input == "flatten"
+        else x.mean(axis=tuple(range(1, x.ndim - 1)))
+    )
+    logits = gate_in @ np.asarray(params["gate_kernel"], np.float64) + params["gate_bias"]
+    weights = {
+        "leaky_relu": leaky_relu(logits),
+        "softmax": np.exp(logits / temperature - (logits / temperature).max(1, keepdims=True)),
+        "sigmoid": 1 / (1 + np.exp(-logits)),
+        "identity": logits,
+    }[gate]
+    if gate == "softmax":
+        weights = weights / weights.sum(1, keepdims=True)
+    out = 0.0
+    batch_means, batch_vars = [], []
+    for n in range(k):
+        kernel = np.broadcast_to(params["kernel"][n], (batch, *params["kernel"].shape[1:]))
+        bias = params["bias"][n] if "bias" in params else None
+        y = conv(x, kernel, bias, geo)
+        axes = tuple(range(y.ndim - 1))
+        batch_means.append(y.mean(axis=axes))
+        batch_vars.append(y.var(axis=axes))
+        mu, sigma2 = (batch_means[n], batch_vars[n]) if training else (mean[n], var[n])
+        y = (y - mu) / np.sqrt(sigma2 + epsilon) * params["scale"][n] + params["offset"][n]
+        out = out + weights[:, n].reshape((batch,) + (1,) * (y.ndim - 1)) * leaky_relu(y)
+    return out, np.stack(batch_means), np.stack(batch_vars)

@@ -1,0 +1,340 @@
+"""jdynconv.linen.BranchMixConv against a branch-by-branch float64 reference, plus its guarantees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jdynconv.linen import BranchMixConv
+from tests import reference
+from tests.helpers import assert_close
+
+RTOL = 1e-5
+
+
+def _randomise(variables: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Non-trivial values everywhere (scale != 1, offset != 0, running stats not at init)."""
+    leaves, treedef = jax.tree.flatten(variables)
+    rng = np.random.default_rng(seed)
+    new = [jnp.asarray(rng.standard_normal(leaf.shape) * 0.5, leaf.dtype) for leaf in leaves]
+    out = jax.tree.unflatten(treedef, new)
+    out["batch_stats"]["var"] = jnp.abs(out["batch_stats"]["var"]) + 0.5
+    return out
+
+
+def _numpy_params(variables: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {name: np.asarray(value, np.float64) for name, value in variables["params"].items()}
+
+
+CONFIGS = [
+    # (spatial, in_features, attributes, geometry)
+    ((6, 6), 3, {"features": 4, "kernel_size": 3, "num_branches": 3}, reference.Geometry.simple(2, padding=1)),
+    (
+        (7,),
+        4,
+        {"features": 6, "kernel_size": 3, "num_branches": 2, "strides": 2, "padding": 1, "feature_group_count": 2},
+        reference.Geometry.simple(1, padding=1, stride=2, groups=2),
+    ),
+    (
+        (3, 4, 4),
+        2,
+        {"features": 2, "kernel_size": (1, 3, 3), "num_branches": 4, "padding": "VALID", "use_bias": False},
+        reference.Geometry.simple(3),
+    ),
+]
+
+
+@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(("spatial", "in_features", "attributes", "geometry"), CONFIGS)
+def test_matches_branch_by_branch_reference(
+    spatial, in_features, attributes, geometry, training: bool, remat: bool
+) -> None:
+    x = np.random.default_rng(0).standard_normal((5, *spatial, in_features)).astype(np.float32)
+    module = BranchMixConv(**attributes, remat=remat)
+    variables = _randomise(module.init(jax.random.key(0), x, use_running_average=True), seed=1)
+    out, updates = jax.jit(lambda v, x: module.apply(v, x, use_running_average=not training, mutable=["batch_stats"]))(
+        variables, x
+    )
+    stats = variables["batch_stats"]
+    expected, batch_mean, batch_var = reference.branch_mix(
+        x, _numpy_params(variables), np.asarray(stats["mean"]), np.asarray(stats["var"]), geometry, training=training
+    )
+    assert_close(out, expected, RTOL, "output")
+    if training:
+        # Flax momentum 0.9 == PyTorch momentum 0.1; the default keeps Flax's biased variance.
+        assert_close(updates["batch_stats"]["mean"], 0.9 * stats["mean"] + 0.1 * batch_mean, RTOL, "mean")
+        assert_close(updates["batch_stats"]["var"], 0.9 * stats["var"] + 0.1 * batch_var, RTOL, "var")
+    else:
+        assert_close(updates["batch_stats"]["mean"], stats["mean"], 0.0, "mean unchanged in eval")
+
+
+def test_unbiased_running_var_is_pytorchs() -> None:
+    x = np.random.default_rng(2).standard_normal((4, 5, 5, 2)).astype(np.float32)
+    module = BranchMixConv(features=3, kernel_size=3, num_branches=2, unbiased_running_var=True)
+    variables = module.init(jax.random.key(0), x, use_running_average=False)
+    _, updates = module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    _, _, batch_var = reference.branch_mix(
+        x,
+        _numpy_params(variables),
+        np.zeros((2, 3)),
+        np.ones((2, 3)),
+        reference.Geometry.simple(2, padding=1),
+        training=True,
+    )
+    count = 4 * 5 * 5
+    assert_close(updates["batch_stats"]["var"], 0.9 + 0.1 * batch_var * count / (count - 1), RTOL)
+
+
+def test_init_does_not_update_running_stats() -> None:
+    x = np.ones((2, 4, 4, 1), np.float32) * np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+    variables = BranchMixConv(2, 3, 2).init(jax.random.key(0), x, use_running_average=False)
+    np.testing.assert_array_equal(variables["batch_stats"]["mean"], np.zeros((2, 2)))
+    np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones((2, 2)))
+
+
+@pytest.mark.parametrize(
+    ("gate", "gate_input", "temperature"),
+    [("softmax", "flatten", 4.0), ("sigmoid", "mean", 1.0), ("identity", "mean", 1.0), ("softmax", "mean", 0.5)],
+)
+def test_gate_options(gate: str, gate_input: str, temperature: float) -> None:
+    x = np.random.default_rng(3).standard_normal((3, 5, 5, 2)).astype(np.float32)
+    module = BranchMixConv(3, 3, 4, gate_activation=gate, gate_input=gate_input)
+    variables = _randomise(module.init(jax.random.key(0), x, use_running_average=True), seed=4)
+    out = jax.jit(lambda v, x, t: module.apply(v, x, use_running_average=True, temperature=t))(
+        variables, x, temperature
+    )
+    stats = variables["batch_stats"]
+    expected, _, _ = reference.branch_mix(
+        x,
+        _numpy_params(variables),
+        np.asarray(stats["mean"]),
+        np.asarray(stats["var"]),
+        reference.Geometry.simple(2, padding=1),
+        training=False,
+        gate=gate,
+        gate_input=gate_input,
+        temperature=temperature,
+    )
+    assert_close(out, expected, RTOL)
+    if gate_input == "mean":
+        # A pooled gate accepts any spatial size.
+        assert module.apply(variables, np.ones((3, 9, 7, 2), np.float32), use_running_average=True).shape == (
+            3,
+            9,
+            7,
+            3,
+        )
+
+
+def test_callable_gate_and_given_gate_weights() -> None:
+    x = np.random.default_rng(5).standard_normal((3, 4, 4, 2)).astype(np.float32)
+    module = BranchMixConv(3, 3, 2, gate_activation=jnp.tanh)
+    variables = _randomise(module.init(jax.random.key(0), x, use_running_average=True), seed=6)
+    weights = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    out = module.apply(variables, x, use_running_average=True, gate_weights=weights)
+    only_first = BranchMixConv(3, 3, 2).apply(
+        variables, x, use_running_average=True, gate_weights=jnp.tile(jnp.asarray([[1.0, 0.0]]), (3, 1))
+    )
+    only_second = BranchMixConv(3, 3, 2).apply(
+        variables, x, use_running_average=True, gate_weights=jnp.tile(jnp.asarray([[0.0, 1.0]]), (3, 1))
+    )
+    assert_close(out[0], only_first[0], RTOL)
+    assert_close(out[1], only_second[1], RTOL)
+    assert_close(out[2], 0.5 * (only_first[2] + only_second[2]), RTOL)
+
+
+def _train_step(module: BranchMixConv):
+    tx = optax.sgd(0.1, momentum=0.9)
+
+    def loss_fn(params, batch_stats, x):
+        out, updates = module.apply(
+            {"params": params, "batch_stats": batch_stats}, x, use_running_average=False, mutable=["batch_stats"]
+        )
+        return jnp.mean(out**2), updates["batch_stats"]
+
+    def step(params, batch_stats, opt_state, x):
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    return tx, step
+
+
+def _count_equations(jaxpr: jax.extend.core.Jaxpr) -> int:
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += 1
+        for value in eqn.params.values():
+            for item in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(item, jax.extend.core.ClosedJaxpr):
+                    count += _count_equations(item.jaxpr)
+                elif isinstance(item, jax.extend.core.Jaxpr):
+                    count += _count_equations(item)
+    return count
+
+
+def _step_program(k: int, remat: bool = False):
+    x = jnp.ones((8, 16, 16, 3))
+    module = BranchMixConv(features=8, kernel_size=3, num_branches=k, remat=remat)
+    variables = module.init(jax.random.key(0), x, use_running_average=False)
+    tx, step = _train_step(module)
+    args = (variables["params"], variables["batch_stats"], tx.init(variables["params"]), x)
+    return step, args
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_training_step_program_size_is_flat_in_k(remat: bool) -> None:
+    sizes = {
+        k: _count_equations(jax.make_jaxpr(step)(*args).jaxpr)
+        for k in (2, 32)
+        for step, args in [_step_program(k, remat)]
+    }
+    assert sizes[2] == sizes[32], sizes
+
+
+def test_remat_keeps_training_memory_flat_in_k() -> None:
+    def temp_bytes(k: int, remat: bool) -> int:
+        step, args = _step_program(k, remat)
+        return jax.jit(step).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    with_remat = {k: temp_bytes(k, True) for k in (2, 32)}
+    assert with_remat[32] <= 2 * with_remat[2], with_remat
+    # And the check can fail: without remat the k branch activations are kept for the backward pass.
+    without = {k: temp_bytes(k, False) for k in (2, 32)}
+    assert without[32] > 2 * without[2], without
+
+
+def test_remat_gradients_equal_fused_gradients() -> None:
+    x = jnp.asarray(np.random.default_rng(10).standard_normal((4, 6, 6, 2)), jnp.float32)
+    grads = {}
+    for remat in (False, True):
+        module = BranchMixConv(4, 3, 3, feature_group_count=2, remat=remat)
+        variables = _randomise(module.init(jax.random.key(0), x, use_running_average=False), seed=11)
+
+        def loss(params, x, module=module, variables=variables):
+            out, _ = module.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                x,
+                use_running_average=False,
+                mutable=["batch_stats"],
+            )
+            return jnp.sum(jnp.sin(out))
+
+        grads[remat] = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
+    for (path, fused), remat in zip(jax.tree.leaves_with_path(grads[False]), jax.tree.leaves(grads[True]), strict=True):
+        assert_close(remat, fused, 1e-5, jax.tree_util.keystr(path))
+
+
+def test_training_steps_reduce_the_loss_under_jit() -> None:
+    step, (params, batch_stats, opt_state, x) = _step_program(3)
+    x = jnp.asarray(np.random.default_rng(7).standard_normal(x.shape), jnp.float32)
+    jitted = jax.jit(step)
+    losses = []
+    for _ in range(5):
+        params, batch_stats, opt_state, loss = jitted(params, batch_stats, opt_state, x)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+
+
+def test_bfloat16_compute_dtype() -> None:
+    x = np.random.default_rng(8).standard_normal((2, 6, 6, 3)).astype(np.float32)
+    module = BranchMixConv(4, 3, 2, dtype=jnp.bfloat16)
+    variables = _randomise(module.init(jax.random.key(0), x, use_running_average=True), seed=9)
+    out = module.apply(variables, x, use_running_average=True)
+    assert out.dtype == jnp.bfloat16
+    assert variables["params"]["kernel"].dtype == jnp.float32
+    reference_out = BranchMixConv(4, 3, 2).apply(variables, x, use_running_average=True)
+    assert_close(out, reference_out, 5e-2)
+
+
+def test_use_running_average_attribute_or_call_argument() -> None:
+    x = np.ones((2, 4, 4, 1), np.float32)
+    module = BranchMixConv(2, 3, 2)
+    variables = module.init(jax.random.key(0), x, use_running_average=True)
+    with pytest.raises(ValueError, match="use_running_average"):
+        module.apply(variables, x)
+    fixed = BranchMixConv(2, 3, 2, use_running_average=True)
+    np.testing.assert_array_equal(fixed.apply(variables, x), module.apply(variables, x, use_running_average=True))
+
+
+@pytest.mark.parametrize(
+    ("module", "x", "kwargs", "error", "fragments"),
+    [
+        (
+            BranchMixConv(2, 3, 2),
+            np.ones((4, 4), np.float32),
+            {},
+            ValueError,
+            ["`inputs` must have rank 3, 4 or 5", "(4, 4)"],
+        ),
+        (
+            BranchMixConv(2, 3, 0),
+            np.ones((2, 4, 4, 1), np.float32),
+            {},
+            ValueError,
+            ["`num_branches` must be a positive int, got 0"],
+        ),
+        (
+            BranchMixConv(3, 3, 2, feature_group_count=2),
+            np.ones((2, 4, 2), np.float32),
+            {},
+            ValueError,
+            ["`features` (=3)", "(=2)"],
+        ),
+        (
+            BranchMixConv(2, 3, 2, feature_group_count=2),
+            np.ones((2, 4, 3), np.float32),
+            {},
+            ValueError,
+            ["`inputs` channels (=3)"],
+        ),
+        (
+            BranchMixConv(2, 3, 2, gate_input="max"),
+            np.ones((2, 4, 1), np.float32),
+            {},
+            ValueError,
+            ["`gate_input` must be one of", "'max'"],
+        ),
+        (
+            BranchMixConv(2, 3, 2, gate_activation="relu"),
+            np.ones((2, 4, 1), np.float32),
+            {},
+            ValueError,
+            ["`gate_activation`", "'relu'"],
+        ),
+        (
+            BranchMixConv(2, (3, 3), 2),
+            np.ones((2, 4, 1), np.float32),
+            {},
+            ValueError,
+            ["`kernel_size` must have one entry per spatial dimension (1)"],
+        ),
+        (
+            BranchMixConv(2, 3, 2),
+            np.ones((2, 4, 4, 1), np.float32),
+            {"gate_weights": jnp.ones((2, 3))},
+            ValueError,
+            ["`gate_weights` must have shape (2, 2) (batch, num_branches), got shape (2, 3)"],
+        ),
+    ],
+)
+def test_bad_input(module: nn.Module, x: np.ndarray, kwargs: dict, error: type, fragments: list[str]) -> None:
+    with pytest.raises(error) as info:
+        module.init(jax.random.key(0), x, use_running_average=True, **kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+
+
+def test_flatten_gate_names_the_size_it_was_built_for() -> None:
+    module = BranchMixConv(2, 3, 2)
+    variables = module.init(jax.random.key(0), np.ones((2, 8, 8, 3), np.float32), use_running_average=True)
+    with pytest.raises(ValueError, match=r"\(2, 4, 4, 3\) give 48 gate features.*built for 192"):
+        module.apply(variables, np.ones((2, 4, 4, 3), np.float32), use_running_average=True)
