@@ -240,3 +240,88 @@ def plot_ratio_bars(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --- JAX program size, compile time and memory ----------------------------------------------------------
+
+
+def _sub_jaxprs(value: object) -> list[Any]:
+    """The jaxprs inside one equation parameter: a ``ClosedJaxpr``/``Jaxpr``, or tuples/lists of them
+    (``cond``'s branches). Callables (``custom_jvp_call``'s thunks) are not traced, so not counted."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    if isinstance(value, ClosedJaxpr):
+        return [value.jaxpr]
+    if isinstance(value, Jaxpr):
+        return [value]
+    if isinstance(value, tuple | list):
+        return [sub for item in value for sub in _sub_jaxprs(item)]
+    return []
+
+
+def count_jaxpr_equations(jaxpr: Any) -> int:
+    """Equations of a (closed) jaxpr, counting every nested jaxpr recursively.
+
+    Sub-jaxprs are found in the equations' parameters wherever they are (``pjit``'s ``jaxpr``,
+    ``custom_jvp_call``'s ``call_jaxpr``, ``checkpoint``'s ``jaxpr``, ``scan``/``while``/``cond`` bodies),
+    so a Python loop unrolled into the program and a loop hidden inside a call both count.
+    """
+    inner = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
+    return sum(
+        1 + sum(count_jaxpr_equations(sub) for param in eqn.params.values() for sub in _sub_jaxprs(param))
+        for eqn in inner.eqns
+    )
+
+
+@dataclass(frozen=True)
+class CompileStats:
+    """What compiling one jitted function cost, and the memory XLA planned for it."""
+
+    lower_s: float  # tracing + lowering to StableHLO
+    compile_s: float  # XLA compilation
+    temp_bytes: int | None  # scratch memory beyond arguments and outputs (``temp_size_in_bytes``)
+    argument_bytes: int | None
+    output_bytes: int | None
+
+    @property
+    def total_s(self) -> float:
+        return self.lower_s + self.compile_s
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "lower_s": self.lower_s,
+            "compile_s": self.compile_s,
+            "lower_plus_compile_s": self.total_s,
+            "temp_bytes": self.temp_bytes,
+            "argument_bytes": self.argument_bytes,
+            "output_bytes": self.output_bytes,
+        }
+
+
+def compile_stats(jitted: Any, *args: Any, **kwargs: Any) -> CompileStats:
+    """Lowers and compiles ``jitted`` (a ``jax.jit`` function) for ``args`` from scratch and times both.
+
+    JAX's in-memory caches are cleared first, so nothing compiled earlier in the process is reused; the
+    persistent compilation cache (off unless configured) would defeat this.
+    """
+    import jax
+
+    jax.clear_caches()
+    start = time.perf_counter()
+    lowered = jitted.lower(*args, **kwargs)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    compiled_at = time.perf_counter()
+    memory = compiled.memory_analysis()
+
+    def field(name: str) -> int | None:
+        value = getattr(memory, name, None)
+        return None if value is None else int(value)
+
+    return CompileStats(
+        lower_s=lowered_at - start,
+        compile_s=compiled_at - lowered_at,
+        temp_bytes=field("temp_size_in_bytes"),
+        argument_bytes=field("argument_size_in_bytes"),
+        output_bytes=field("output_size_in_bytes"),
+    )

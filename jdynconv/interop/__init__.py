@@ -1,0 +1,67 @@
+"""PyTorch state dicts <-> Flax linen variables and NNX models, strictly and without importing torch.
+
+torch is imported lazily, only to read ``.pt``/``.pth`` files or to convert torch tensors a caller
+passes in; ``import jdynconv.interop`` works without it.
+
+::
+
+    from jdynconv import interop, linen
+
+    state_dict = interop.load_state_dict("seed_model.safetensors")    # {"mlp.1.weight": (k, D), ...}
+    module = linen.BranchMixConv(features=32, kernel_size=3, num_branches=8, padding=1)
+    variables = interop.torch_to_linen(module, state_dict)             # {"params", "batch_stats"}
+    y = module.apply(variables, x_nhwc, use_running_average=True)      # (B, H, W, 32)
+    state_dict = interop.linen_to_torch(module, variables)             # back, for torch load_state_dict
+
+Layouts: conv ``(O, I // G, *K)`` <-> ``(*K, I // G, O)``; linear ``(out, in)`` <-> ``(in, out)``;
+BatchNorm ``weight, bias, running_mean, running_var`` <-> ``scale, offset, mean, var``
+(``num_batches_tracked`` ignored on load, exported as int64 0). Every conversion is strict: missing
+keys, unexpected keys and shape mismatches are reported together in one :class:`StateDictError`.
+
+Registered modules: ``jdynconv.linen.BranchMixConv``, ``jdynconv.nnx.BranchMixConv``. Others (your own
+models, built from :func:`conv_rules`, :func:`linear_rules`, :func:`batchnorm_rules`) with
+:func:`register`.
+"""
+
+from jdynconv.interop import _branch_mix as _branch_mix  # registers BranchMixConv
+from jdynconv.interop._branch_mix import branch_mix_rules as branch_mix_rules
+from jdynconv.interop._convert import Converter as Converter
+from jdynconv.interop._convert import linen_to_torch as linen_to_torch
+from jdynconv.interop._convert import nnx_to_torch as nnx_to_torch
+from jdynconv.interop._convert import register as register
+from jdynconv.interop._convert import torch_to_linen as torch_to_linen
+from jdynconv.interop._convert import torch_to_nnx as torch_to_nnx
+from jdynconv.interop._io import load_state_dict as load_state_dict
+from jdynconv.interop._rules import Dim as Dim
+from jdynconv.interop._rules import Permutation as Permutation
+from jdynconv.interop._rules import Rule as Rule
+from jdynconv.interop._rules import StateDictError as StateDictError
+from jdynconv.interop._rules import Target as Target
+from jdynconv.interop._rules import batchnorm_rules as batchnorm_rules
+from jdynconv.interop._rules import conv_layout as conv_layout
+from jdynconv.interop._rules import conv_rules as conv_rules
+from jdynconv.interop._rules import flax_from_torch as flax_from_torch
+from jdynconv.interop._rules import linear_rules as linear_rules
+from jdynconv.interop._rules import torch_from_flax as torch_from_flax
+
+__all__ = [
+    "Converter",
+    "Dim",
+    "Permutation",
+    "Rule",
+    "StateDictError",
+    "Target",
+    "batchnorm_rules",
+    "branch_mix_rules",
+    "conv_layout",
+    "conv_rules",
+    "flax_from_torch",
+    "linear_rules",
+    "linen_to_torch",
+    "load_state_dict",
+    "nnx_to_torch",
+    "register",
+    "torch_from_flax",
+    "torch_to_linen",
+    "torch_to_nnx",
+]

@@ -1,0 +1,198 @@
+"""The four conversions, dispatched on the module's type through a small registry.
+
+A module type registers a :class:`Converter`: functions that list its :class:`~jdynconv.interop.Rule`
+objects from the module's attributes plus the shapes at hand (the PyTorch state dict's when loading into
+linen, which has no variables before ``init``; the Flax variables' otherwise). jdynconv's layers
+register themselves; users register their own modules the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jdynconv.interop._rules import (
+    FlaxKey,
+    Rule,
+    flatten_variables,
+    flax_from_torch,
+    to_numpy,
+    torch_from_flax,
+    tree_shapes,
+    unflatten_variables,
+)
+
+TorchShapes = Mapping[str, tuple[int, ...]]
+FlaxShapes = Mapping[FlaxKey, tuple[int, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Converter:
+    """How one module type maps to a PyTorch state dict.
+
+    Attributes:
+      flax_rules: ``(module, flax_shapes) -> rules``, from the module's attributes and the shapes of its
+        Flax variables (``{("params", "kernel"): shape, ...}``). Used to export, and to load into NNX
+        models (whose variables exist already).
+      torch_rules: ``(module, torch_shapes) -> rules`` from the module's attributes and the state dict's
+        shapes, for loading into a linen module (which has no variables before ``init``). Needed for
+        linen modules only.
+    """
+
+    flax_rules: Callable[[Any, FlaxShapes], list[Rule]]
+    torch_rules: Callable[[Any, TorchShapes], list[Rule]] | None = None
+
+
+_LINEN: dict[type, Converter] = {}
+_NNX: dict[type, Converter] = {}
+
+
+def register(module_type: type, converter: Converter) -> None:
+    """Makes ``torch_to_linen``/``linen_to_torch`` (or the NNX pair) accept ``module_type`` and subclasses."""
+    if issubclass(module_type, nn.Module):
+        if converter.torch_rules is None:
+            raise ValueError(f"A linen module ({module_type.__name__}) needs `torch_rules` in its Converter.")
+        _LINEN[module_type] = converter
+    elif issubclass(module_type, nnx.Module):
+        _NNX[module_type] = converter
+    else:
+        raise TypeError(f"`module_type` must be a flax.linen or flax.nnx Module subclass, got {module_type!r}.")
+
+
+def _converter(module: Any, registry: dict[type, Converter], api: str, instead: str) -> Converter:
+    for cls in type(module).__mro__:
+        if cls in registry:
+            return registry[cls]
+    known = ", ".join(f"{cls.__module__}.{cls.__qualname__}" for cls in registry) or "none"
+    other = "nnx" if api == "linen" else "linen"
+    other_base = nnx.Module if api == "linen" else nn.Module
+    hint = f" (a flax.{other} module: use {instead})" if isinstance(module, other_base) else ""
+    name = f"{type(module).__module__}.{type(module).__qualname__}"
+    raise TypeError(
+        f"`module` must be a registered flax.{api} module ({known}), got {name}{hint}; "
+        "register others with jdynconv.interop.register."
+    )
+
+
+def _linen_dtype(module: nn.Module) -> Callable[[FlaxKey], Any]:
+    """Flax's convention: params in ``param_dtype``; BatchNorm statistics always float32."""
+    param_dtype = getattr(module, "param_dtype", jnp.float32)
+    return lambda key: param_dtype if key[0] == "params" else jnp.float32
+
+
+def torch_to_linen(module: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """PyTorch state dict -> ``variables`` for ``module.apply``; no sample input needed.
+
+    Shapes come from the state dict and are checked against the module's attributes. For
+    ``BranchMixConv`` (k branches, F features, C_in // G inputs per group, kernel K, gate inputs D):
+    ``mlp.1.weight (k, D)`` -> ``gate_kernel (D, k)``, ``mlp.1.bias (k,)`` -> ``gate_bias``,
+    ``convs.{n}.0.weight (F, C_in // G, *K)`` -> ``kernel[n]`` of ``(k, *K, C_in // G, F)``,
+    ``convs.{n}.0.bias``, ``convs.{n}.1.{weight, bias}`` ``(F,)`` -> ``bias[n]``, ``scale[n]``,
+    ``offset[n]`` of ``(k, F)``; ``convs.{n}.1.{running_mean, running_var}`` -> ``batch_stats`` ``mean[n]``,
+    ``var[n]``; ``num_batches_tracked`` is ignored.
+
+    Args:
+      module: a registered linen module, e.g. ``jdynconv.linen.BranchMixConv``.
+      state_dict: PyTorch key -> NumPy array or torch tensor (``load_state_dict``'s output,
+        ``torch_model.state_dict()``), any float dtype; cast to the module's ``param_dtype``
+        (statistics to float32).
+
+    Returns:
+      ``{"params": {...}, "batch_stats": {...}}`` of JAX arrays in Flax layout.
+
+    Raises:
+      StateDictError (a ValueError): every missing key, unexpected key, shape mismatch (expected and
+        received shapes) and non-float value, in one message.
+    """
+    converter = _converter(module, _LINEN, "linen", "torch_to_nnx / nnx_to_torch")
+    arrays = {key: to_numpy(value) for key, value in state_dict.items()}
+    assert converter.torch_rules is not None  # register() guarantees it for linen modules
+    rules = converter.torch_rules(module, {key: array.shape for key, array in arrays.items()})
+    return flax_from_torch(
+        rules, arrays, dtype=_linen_dtype(module), what=f"state dict into {type(module).__qualname__}"
+    )
+
+
+def linen_to_torch(module: nn.Module, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """linen ``variables`` -> PyTorch state dict, checked against the module's attributes.
+
+    Args:
+      module: a registered linen module.
+      variables: ``{"params": ..., "batch_stats": ...}`` as ``module.init`` returns them.
+
+    Returns:
+      PyTorch key -> contiguous NumPy array in PyTorch layout, ready for
+      ``torch_model.load_state_dict({k: torch.from_numpy(v) ...}, strict=True)``.
+
+    Raises:
+      StateDictError (a ValueError): every missing, unexpected or mis-shaped variable, in one message.
+    """
+    converter = _converter(module, _LINEN, "linen", "torch_to_nnx / nnx_to_torch")
+    rules = converter.flax_rules(module, tree_shapes(variables))
+    return torch_from_flax(rules, variables, what=f"{type(module).__qualname__} variables")
+
+
+def _collection(variable: nnx.Variable) -> str:
+    return "params" if isinstance(variable, nnx.Param) else "batch_stats"
+
+
+def _nnx_variables(model: nnx.Module) -> dict[FlaxKey, nnx.Variable]:
+    """``{("params", *path): Param, ("batch_stats", *path): BatchStat}`` of an NNX model."""
+    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    return {(_collection(variable), *path): variable for path, variable in nnx.to_flat_state(state)}
+
+
+def torch_to_nnx(model: nnx.Module, state_dict: Mapping[str, Any]) -> nnx.Module:
+    """Loads a PyTorch state dict into an NNX model, in place; returns ``model``.
+
+    Shapes are checked against the model's current variables (the mapping is :func:`torch_to_linen`'s)
+    and values are cast to their dtypes. ``model`` may be abstract, from ``nnx.eval_shape(lambda:
+    BranchMixConv(...))``, to skip the random initialisation that the loaded weights replace.
+
+    Args:
+      model: a registered NNX model, e.g. ``jdynconv.nnx.BranchMixConv``.
+      state_dict: PyTorch key -> NumPy array or torch tensor, any float dtype.
+
+    Raises:
+      StateDictError (a ValueError): every missing key, unexpected key, shape mismatch and non-float
+        value, in one message. The model is unchanged when it raises.
+    """
+    converter = _converter(model, _NNX, "nnx", "torch_to_linen / linen_to_torch")
+    current = _nnx_variables(model)
+    rules = converter.flax_rules(model, {key: tuple(variable.shape) for key, variable in current.items()})
+    loaded = flatten_variables(
+        flax_from_torch(
+            rules,
+            state_dict,
+            dtype=lambda key: current[key].dtype if key in current else jnp.float32,
+            what=f"state dict into {type(model).__qualname__}",
+        )
+    )
+    if current.keys() != loaded.keys():
+        unfilled = sorted("/".join(map(str, key)) for key in current.keys() - loaded.keys())
+        foreign = sorted("/".join(map(str, key)) for key in loaded.keys() - current.keys())
+        raise ValueError(
+            f"The registered rules for {type(model).__qualname__} do not match its variables: no value for "
+            f"{unfilled}, values for variables it does not have {foreign}."
+        )
+    updated = [(key[1:], variable.replace(loaded[key])) for key, variable in current.items()]
+    nnx.update(model, nnx.from_flat_state(updated))
+    return model
+
+
+def nnx_to_torch(model: nnx.Module) -> dict[str, np.ndarray]:
+    """An NNX model's ``nnx.Param`` and ``nnx.BatchStat`` variables -> PyTorch state dict.
+
+    Returns:
+      PyTorch key -> contiguous NumPy array in PyTorch layout (as :func:`linen_to_torch`).
+    """
+    converter = _converter(model, _NNX, "nnx", "torch_to_linen / linen_to_torch")
+    values = {key: np.asarray(variable[...]) for key, variable in _nnx_variables(model).items()}
+    rules = converter.flax_rules(model, {key: value.shape for key, value in values.items()})
+    return torch_from_flax(rules, unflatten_variables(values), what=f"{type(model).__qualname__} variables")
