@@ -241,21 +241,6 @@ def check_config(features: int, num_branches: int, feature_group_count: int, gat
         raise ValueError(f"`gate_activation` must be one of {GATE_ACTIVATIONS} or a callable, got {gate_act!r}.")
 
 
-def check_inputs(inputs: jax.Array, in_features: int | None, feature_group_count: int) -> None:
-    """``inputs`` must be ``(B, *spatial, C_in)`` with 1 to 3 spatial dims and C_in divisible by G."""
-    if inputs.ndim not in (3, 4, 5):
-        raise ValueError(
-            f"`inputs` must have rank 3, 4 or 5 (B, *spatial, C_in) with 1 to 3 spatial dims, got shape {inputs.shape}."
-        )
-    channels = inputs.shape[-1]
-    if in_features is not None and channels != in_features:
-        raise ValueError(f"`inputs` must have {in_features} channels (last axis), got shape {inputs.shape}.")
-    if channels % feature_group_count:
-        raise ValueError(
-            f"`inputs` channels (={channels}) must be divisible by `feature_group_count` (={feature_group_count})."
-        )
-
-
 def check_gate_size(got: int, expected: int, inputs_shape: tuple[int, ...]) -> None:
     """The flatten gate's Dense was built for one input size; say which when another comes."""
     if got != expected:

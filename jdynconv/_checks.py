@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -138,3 +139,18 @@ def check_rank(name: str, shape: Sequence[int], expected: int | Sequence[int], l
     if len(shape) not in allowed:
         wanted = " or ".join(str(a) for a in allowed)
         raise ValueError(f"`{name}` must have rank {wanted} {layout}, got shape {tuple(shape)!r}.")
+
+
+def check_layer_inputs(inputs: Any, in_features: int | None, feature_group_count: int) -> None:
+    """``inputs`` must be ``(B, *spatial, C_in)`` with 1 to 3 spatial dims and C_in divisible by G."""
+    if inputs.ndim not in (3, 4, 5):
+        raise ValueError(
+            f"`inputs` must have rank 3, 4 or 5 (B, *spatial, C_in) with 1 to 3 spatial dims, got shape {inputs.shape}."
+        )
+    channels = inputs.shape[-1]
+    if in_features is not None and channels != in_features:
+        raise ValueError(f"`inputs` must have {in_features} channels (last axis), got shape {inputs.shape}.")
+    if channels % feature_group_count:
+        raise ValueError(
+            f"`inputs` channels (={channels}) must be divisible by `feature_group_count` (={feature_group_count})."
+        )

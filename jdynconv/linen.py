@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdynconv import _branch_mix, _checks
+from jdynconv import _branch_mix, _checks, _kernel_mix
 
 Initializer = Callable[..., jax.Array]
 Dtype = Any
@@ -118,7 +118,7 @@ class BranchMixConv(nn.Module):
             self.features, self.num_branches, self.feature_group_count, self.gate_input, self.gate_activation
         )
         inputs = jnp.asarray(inputs)
-        _branch_mix.check_inputs(inputs, None, self.feature_group_count)
+        _checks.check_layer_inputs(inputs, None, self.feature_group_count)
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         k, groups, features = self.num_branches, self.feature_group_count, self.features
         kernel_size = _branch_mix.kernel_size_for(self.kernel_size, inputs.ndim - 2)
@@ -181,3 +181,188 @@ class BranchMixConv(nn.Module):
             dtype=self.dtype,
             precision=self.precision,
         )
+
+
+class PerSampleConv(nn.Module):
+    """A convolution whose kernels (and bias) are passed per call, one per sample: no parameters.
+
+    For hypernetworks and other user-generated kernels; ``flax.linen.Conv``'s attributes, with the
+    kernels' shape checked against them.
+
+    Attributes:
+      features: output channels C_out.
+      kernel_size: int (same in every spatial dim) or one int per spatial dim.
+      strides, padding, kernel_dilation, input_dilation, feature_group_count: as
+        :func:`jdynconv.per_sample_conv`.
+      dtype: computation dtype (inputs, kernels and bias are promoted to it).
+      precision, method: as :func:`jdynconv.per_sample_conv`.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    strides: _checks.IntOrSequence = 1
+    padding: _checks.PaddingLike = "SAME"
+    kernel_dilation: _checks.IntOrSequence = 1
+    input_dilation: _checks.IntOrSequence = 1
+    feature_group_count: int = 1
+    dtype: Dtype | None = None
+    precision: Any = None
+    method: str = "auto"
+
+    def __call__(self, inputs: jax.Array, kernels: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+        """``(B, *spatial, C_in)`` with kernels ``(B, *kernel_size, C_in // G, features)`` and bias
+        ``(B, features)`` or ``(features,)`` -> ``(B, *out_spatial, features)``."""
+        return _kernel_mix.per_sample_layer(_layer_config(self, None), inputs, kernels, bias)
+
+
+class CondConv(nn.Module):
+    """CondConv (Yang et al. 2019; timm ``CondConv2d``): per-sample kernels mixed from k experts.
+
+    ``routing = sigmoid(Dense(mean over space of x))`` unless ``routing_weights`` ``(B, k)`` are passed
+    (as timm's layer takes them); ``out = conv(x, sum_n routing[:, n] * kernel[n]) + sum_n routing[:,
+    n] * bias[n]``. N-d (1-D/2-D/3-D) from the input's rank.
+
+    Variables (``params``): ``kernel (k, *kernel_size, C_in // G, features)``, ``bias (k, features)``
+    (if ``use_bias``), ``routing_kernel (C_in, k)``, ``routing_bias (k,)``.
+
+    Attributes:
+      features, kernel_size, strides, padding, kernel_dilation, feature_group_count, use_bias, dtype,
+        param_dtype, precision, kernel_init, bias_init: as ``flax.linen.Conv``.
+      num_experts: k >= 1.
+      mixing: ``"auto"``, ``"mix_kernels"`` or ``"mix_outputs"`` (see ``jdynconv._kernel_mix``).
+      method: the per-sample conv's lowering when kernels are mixed.
+      routing_kernel_init, routing_bias_init: the routing Dense's.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    num_experts: int
+    strides: _checks.IntOrSequence = 1
+    padding: _checks.PaddingLike = "SAME"
+    kernel_dilation: _checks.IntOrSequence = 1
+    feature_group_count: int = 1
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+    mixing: str = "auto"
+    method: str = "auto"
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = zeros
+    routing_kernel_init: Initializer = default_kernel_init
+    routing_bias_init: Initializer = zeros
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, routing_weights: jax.Array | None = None) -> jax.Array:
+        """``(B, *spatial, C_in)`` -> ``(B, *out_spatial, features)``; ``routing_weights`` ``(B, k)``."""
+        inputs, bank, bias_bank = _expert_bank(self, inputs)
+        k, in_channels = self.num_experts, inputs.shape[-1]
+        routing_kernel = self.param("routing_kernel", self.routing_kernel_init, (in_channels, k), self.param_dtype)
+        routing_bias = self.param("routing_bias", self.routing_bias_init, (k,), self.param_dtype)
+        config = _layer_config(self, k)
+        return _kernel_mix.cond_conv(config, inputs, routing_weights, routing_kernel, routing_bias, bank, bias_bank)
+
+
+class DynamicConv(nn.Module):
+    """Dynamic Convolution (Chen et al., CVPR 2020): kernels mixed by softmax attention with a temperature.
+
+    ``attention = softmax(Dense(relu(Dense_nobias(mean over space of x))) / temperature)`` with
+    ``hidden = int(C_in * ratio) + 1``; ``out = conv(x, sum_n attention[:, n] * kernel[n]) + sum_n
+    attention[:, n] * bias[n]``. ``temperature`` is a call argument that may be traced, so one jitted
+    training step serves the whole annealing schedule (see :func:`temperature_schedule`).
+
+    Variables (``params``): ``kernel (k, *kernel_size, C_in // G, features)``, ``bias (k, features)``
+    (if ``use_bias``), ``attention_hidden_kernel (C_in, hidden)``, ``attention_kernel (hidden, k)``,
+    ``attention_bias (k,)``.
+
+    Attributes: as :class:`CondConv`, plus ``ratio`` (hidden width) and the attention initialisers.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    num_experts: int
+    ratio: float = 0.25
+    strides: _checks.IntOrSequence = 1
+    padding: _checks.PaddingLike = "SAME"
+    kernel_dilation: _checks.IntOrSequence = 1
+    feature_group_count: int = 1
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+    mixing: str = "auto"
+    method: str = "auto"
+    kernel_init: Initializer = default_kernel_init
+    bias_init: Initializer = zeros
+    attention_kernel_init: Initializer = default_kernel_init
+    attention_bias_init: Initializer = zeros
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs: jax.Array,
+        temperature: float | jax.Array = 1.0,
+        attention_weights: jax.Array | None = None,
+    ) -> jax.Array:
+        """``(B, *spatial, C_in)`` -> ``(B, *out_spatial, features)``.
+
+        Args:
+          temperature: positive; divides the attention logits (checked when concrete; a traced value
+            is the caller's responsibility, as a non-positive one gives NaN or a one-hot argmax).
+          attention_weights: ``(B, k)`` weights to use instead of the attention branch's.
+        """
+        inputs, bank, bias_bank = _expert_bank(self, inputs)
+        k, in_channels = self.num_experts, inputs.shape[-1]
+        hidden = _kernel_mix.hidden_width(in_channels, self.ratio)
+        hidden_kernel = self.param(
+            "attention_hidden_kernel", self.attention_kernel_init, (in_channels, hidden), self.param_dtype
+        )
+        attention_kernel = self.param("attention_kernel", self.attention_kernel_init, (hidden, k), self.param_dtype)
+        attention_bias = self.param("attention_bias", self.attention_bias_init, (k,), self.param_dtype)
+        return _kernel_mix.dynamic_conv(
+            _layer_config(self, k),
+            inputs,
+            temperature,
+            attention_weights,
+            hidden_kernel,
+            attention_kernel,
+            attention_bias,
+            bank,
+            bias_bank,
+        )
+
+
+def _layer_config(module: PerSampleConv | CondConv | DynamicConv, num_experts: int | None) -> _kernel_mix.LayerConfig:
+    _kernel_mix.check_layer(module.features, num_experts, module.feature_group_count)
+    mixing = getattr(module, "mixing", "auto")
+    _kernel_mix.check_mixing(mixing)
+    return _kernel_mix.LayerConfig(
+        features=module.features,
+        kernel_size=module.kernel_size,
+        num_experts=num_experts,
+        strides=module.strides,
+        padding=module.padding,
+        kernel_dilation=module.kernel_dilation,
+        feature_group_count=module.feature_group_count,
+        dtype=module.dtype,
+        precision=module.precision,
+        mixing=mixing,
+        method=module.method,
+    )
+
+
+def _expert_bank(module: CondConv | DynamicConv, inputs: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Validates the inputs and creates the expert kernel and bias banks ``(k, ...)``."""
+    _layer_config(module, module.num_experts)
+    inputs = jnp.asarray(inputs)
+    _checks.check_layer_inputs(inputs, None, module.feature_group_count)
+    kernel_size = _checks.canonicalize_ints(module.kernel_size, inputs.ndim - 2, "kernel_size")
+    k, groups = module.num_experts, module.feature_group_count
+    shape = (k, *kernel_size, inputs.shape[-1] // groups, module.features)
+    bank = module.param("kernel", branch_bank_init(module.kernel_init), shape, module.param_dtype)
+    bias_bank = (
+        module.param("bias", branch_bank_init(module.bias_init), (k, module.features), module.param_dtype)
+        if module.use_bias
+        else None
+    )
+    return inputs, bank, bias_bank

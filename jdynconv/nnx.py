@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdynconv import _branch_mix, _checks
+from jdynconv import _branch_mix, _checks, _kernel_mix
 from jdynconv.linen import Dtype, Initializer, branch_bank_init, default_kernel_init, ones, zeros
 
 
@@ -132,7 +132,7 @@ class BranchMixConv(nnx.Module):
         attribute for this call.
         """
         inputs = jnp.asarray(inputs)
-        _branch_mix.check_inputs(inputs, self.in_features, self.config.feature_group_count)
+        _checks.check_layer_inputs(inputs, self.in_features, self.config.feature_group_count)
         if self.input_shape is not None and inputs.ndim - 2 != len(self.input_shape):
             raise ValueError(
                 f"`inputs` must have {len(self.input_shape)} spatial dims (`input_shape` {self.input_shape}), "
@@ -161,3 +161,264 @@ class BranchMixConv(nnx.Module):
             self.mean[...] = new_mean
             self.var[...] = new_var
         return out
+
+
+def _nnx_layer_config(
+    in_features: int,
+    features: int,
+    kernel_size: int | Sequence[int],
+    num_experts: int | None,
+    *,
+    strides: Any,
+    padding: Any,
+    kernel_dilation: Any,
+    feature_group_count: int,
+    dtype: Any,
+    precision: Any,
+    mixing: str,
+    method: str,
+) -> _kernel_mix.LayerConfig:
+    _kernel_mix.check_layer(features, num_experts, feature_group_count)
+    _kernel_mix.check_mixing(mixing)
+    if not _checks.is_int(in_features) or in_features < 1 or in_features % feature_group_count:
+        raise ValueError(
+            f"`in_features` must be a positive int divisible by `feature_group_count` (={feature_group_count}), "
+            f"got {in_features!r}."
+        )
+    if _checks.is_int(kernel_size):
+        raise ValueError(
+            f"`kernel_size` {kernel_size!r} is an int, but an NNX layer creates its kernel before seeing an input: "
+            "pass one int per spatial dim, e.g. (3, 3)."
+        )
+    kernel_size = _checks.canonicalize_ints(tuple(kernel_size), len(tuple(kernel_size)), "kernel_size")
+    if not 1 <= len(kernel_size) <= 3:
+        raise ValueError(f"`kernel_size` must have 1 to 3 spatial dims, got {kernel_size!r}.")
+    return _kernel_mix.LayerConfig(
+        features=features,
+        kernel_size=kernel_size,
+        num_experts=num_experts,
+        strides=strides,
+        padding=padding,
+        kernel_dilation=kernel_dilation,
+        feature_group_count=feature_group_count,
+        dtype=dtype,
+        precision=precision,
+        mixing=mixing,
+        method=method,
+    )
+
+
+class PerSampleConv(nnx.Module):
+    """The NNX twin of :class:`jdynconv.linen.PerSampleConv`: kernels passed per call, no parameters.
+
+    Args:
+      in_features: C_in; features: C_out; kernel_size: one int per spatial dim.
+      The rest as the linen layer. ``rngs`` is accepted for uniformity and unused.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        kernel_size: Sequence[int],
+        *,
+        strides: _checks.IntOrSequence = 1,
+        padding: _checks.PaddingLike = "SAME",
+        kernel_dilation: _checks.IntOrSequence = 1,
+        feature_group_count: int = 1,
+        dtype: Dtype | None = None,
+        precision: Any = None,
+        method: str = "auto",
+        rngs: nnx.Rngs | None = None,
+    ) -> None:
+        self.in_features = in_features
+        self.config = _nnx_layer_config(
+            in_features,
+            features,
+            kernel_size,
+            None,
+            strides=strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            feature_group_count=feature_group_count,
+            dtype=dtype,
+            precision=precision,
+            mixing="auto",
+            method=method,
+        )
+
+    def __call__(self, inputs: jax.Array, kernels: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+        """``(B, *spatial, C_in)``, kernels ``(B, *kernel_size, C_in // G, features)`` -> ``(B, *out, features)``."""
+        _checks.check_layer_inputs(jnp.asarray(inputs), self.in_features, self.config.feature_group_count)
+        return _kernel_mix.per_sample_layer(self.config, inputs, kernels, bias)
+
+
+class _ExpertBank(nnx.Module):
+    """The k expert kernels and biases shared by CondConv and DynamicConv."""
+
+    def _init_bank(
+        self,
+        config: _kernel_mix.LayerConfig,
+        in_features: int,
+        use_bias: bool,
+        kernel_init: Initializer,
+        bias_init: Initializer,
+        param_dtype: Dtype,
+        rngs: nnx.Rngs,
+    ) -> None:
+        self.in_features = in_features
+        self.config = config
+        k = config.num_experts
+        shape = (k, *config.kernel_size, in_features // config.feature_group_count, config.features)
+        self.kernel = nnx.Param(branch_bank_init(kernel_init)(rngs.params(), shape, param_dtype))
+        bias = branch_bank_init(bias_init)(rngs.params(), (k, config.features), param_dtype) if use_bias else None
+        self.bias = nnx.Param(bias) if use_bias else None
+
+    def _checked(self, inputs: jax.Array) -> jax.Array:
+        inputs = jnp.asarray(inputs)
+        _checks.check_layer_inputs(inputs, self.in_features, self.config.feature_group_count)
+        if inputs.ndim - 2 != len(self.config.kernel_size):
+            raise ValueError(
+                f"`inputs` must have {len(self.config.kernel_size)} spatial dims to match `kernel_size` "
+                f"{self.config.kernel_size}, got shape {inputs.shape}."
+            )
+        return inputs
+
+    def _bias_value(self) -> jax.Array | None:
+        return None if self.bias is None else self.bias[...]
+
+
+class CondConv(_ExpertBank):
+    """The NNX twin of :class:`jdynconv.linen.CondConv` (same variables under the same names).
+
+    Args:
+      in_features: C_in; features; kernel_size: one int per spatial dim; num_experts: k.
+      The rest as the linen layer; ``rngs`` for the initialisers.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        kernel_size: Sequence[int],
+        num_experts: int,
+        *,
+        strides: _checks.IntOrSequence = 1,
+        padding: _checks.PaddingLike = "SAME",
+        kernel_dilation: _checks.IntOrSequence = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = True,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: Any = None,
+        mixing: str = "auto",
+        method: str = "auto",
+        kernel_init: Initializer = default_kernel_init,
+        bias_init: Initializer = zeros,
+        routing_kernel_init: Initializer = default_kernel_init,
+        routing_bias_init: Initializer = zeros,
+        rngs: nnx.Rngs,
+    ) -> None:
+        config = _nnx_layer_config(
+            in_features,
+            features,
+            kernel_size,
+            num_experts,
+            strides=strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            feature_group_count=feature_group_count,
+            dtype=dtype,
+            precision=precision,
+            mixing=mixing,
+            method=method,
+        )
+        self._init_bank(config, in_features, use_bias, kernel_init, bias_init, param_dtype, rngs)
+        self.routing_kernel = nnx.Param(routing_kernel_init(rngs.params(), (in_features, num_experts), param_dtype))
+        self.routing_bias = nnx.Param(routing_bias_init(rngs.params(), (num_experts,), param_dtype))
+
+    def __call__(self, inputs: jax.Array, routing_weights: jax.Array | None = None) -> jax.Array:
+        """``(B, *spatial, C_in)`` -> ``(B, *out_spatial, features)``; ``routing_weights`` ``(B, k)``."""
+        return _kernel_mix.cond_conv(
+            self.config,
+            self._checked(inputs),
+            routing_weights,
+            self.routing_kernel[...],
+            self.routing_bias[...],
+            self.kernel[...],
+            self._bias_value(),
+        )
+
+
+class DynamicConv(_ExpertBank):
+    """The NNX twin of :class:`jdynconv.linen.DynamicConv` (same variables under the same names).
+
+    Args:
+      in_features: C_in; features; kernel_size: one int per spatial dim; num_experts: k; ratio: the
+      attention's hidden width ``int(C_in * ratio) + 1``. The rest as the linen layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        kernel_size: Sequence[int],
+        num_experts: int,
+        *,
+        ratio: float = 0.25,
+        strides: _checks.IntOrSequence = 1,
+        padding: _checks.PaddingLike = "SAME",
+        kernel_dilation: _checks.IntOrSequence = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = True,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: Any = None,
+        mixing: str = "auto",
+        method: str = "auto",
+        kernel_init: Initializer = default_kernel_init,
+        bias_init: Initializer = zeros,
+        attention_kernel_init: Initializer = default_kernel_init,
+        attention_bias_init: Initializer = zeros,
+        rngs: nnx.Rngs,
+    ) -> None:
+        config = _nnx_layer_config(
+            in_features,
+            features,
+            kernel_size,
+            num_experts,
+            strides=strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            feature_group_count=feature_group_count,
+            dtype=dtype,
+            precision=precision,
+            mixing=mixing,
+            method=method,
+        )
+        self._init_bank(config, in_features, use_bias, kernel_init, bias_init, param_dtype, rngs)
+        hidden = _kernel_mix.hidden_width(in_features, ratio)
+        self.attention_hidden_kernel = nnx.Param(
+            attention_kernel_init(rngs.params(), (in_features, hidden), param_dtype)
+        )
+        self.attention_kernel = nnx.Param(attention_kernel_init(rngs.params(), (hidden, num_experts), param_dtype))
+        self.attention_bias = nnx.Param(attention_bias_init(rngs.params(), (num_experts,), param_dtype))
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        temperature: float | jax.Array = 1.0,
+        attention_weights: jax.Array | None = None,
+    ) -> jax.Array:
+        """``(B, *spatial, C_in)`` -> ``(B, *out_spatial, features)``; see the linen layer."""
+        return _kernel_mix.dynamic_conv(
+            self.config,
+            self._checked(inputs),
+            temperature,
+            attention_weights,
+            self.attention_hidden_kernel[...],
+            self.attention_kernel[...],
+            self.attention_bias[...],
+            self.kernel[...],
+            self._bias_value(),
+        )

@@ -1,0 +1,287 @@
+"""The maths of kernel mixing (CondConv, Dynamic Convolution), once, for the linen and NNX modules.
+
+A per-sample kernel is a weighted sum of k expert kernels, ``W_b = sum_n r[b, n] * W_n`` (and the same
+for biases). Convolution is linear in the kernel, so there are two exact ways to compute it:
+
+* ``"mix_kernels"``: mix the bank into B kernels, then one :func:`per_sample_conv`.
+  Cost ~ ``B * k * |W|`` (mixing) + one per-sample conv of ``B * P * |W|`` multiply-adds.
+* ``"mix_outputs"``: one ordinary conv with all ``k * C_out`` expert channels, then
+  :func:`mix_outputs`. Cost ~ ``k * B * P * |W|`` multiply-adds, but in XLA's fast shared-kernel conv.
+
+(``|W|`` = kernel size x C_in / G x C_out; P = output positions.) See :func:`choose_mixing`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.nnx.nn.dtypes import promote_dtype
+
+from jdynconv import _checks, _lowerings
+from jdynconv.functional import conv_spec, mix_kernels, mix_outputs, per_sample_conv
+
+Mixing = Literal["auto", "mix_kernels", "mix_outputs"]
+MIXINGS: tuple[str, ...] = ("auto", "mix_kernels", "mix_outputs")
+
+# The per-sample conv's measured cost relative to XLA's shared-kernel conv of the same multiply-adds
+# (CPU, 2 cores: im2col per-sample conv forward ran 1.7x-3.4x PyTorch's oneDNN, XLA's shared conv
+# ~1.5x): mixing outputs pays k times the arithmetic, mixing kernels pays this factor.
+_PER_SAMPLE_OVERHEAD = {"cpu": 2.5}
+_DEFAULT_OVERHEAD = 1.5
+
+
+def choose_mixing(backend: str, num_experts: int, batch: int, out_positions: int) -> str:
+    """The ``mixing="auto"`` rule: the cheaper of the two by the cost model in the module docstring.
+
+    ``mix_outputs`` costs ``k * B * P`` units (one unit = one output position's worth of ``|W|``
+    multiply-adds in a shared conv); ``mix_kernels`` costs ``overhead * B * P + B * k`` (the per-sample
+    conv at its measured overhead, plus mixing the bank). So ``mix_outputs`` wins only for k below the
+    overhead (k = 1, or k = 2 on CPU) or when P is tiny.
+    """
+    overhead = _PER_SAMPLE_OVERHEAD.get(backend, _DEFAULT_OVERHEAD)
+    shared_cost = num_experts * batch * out_positions
+    per_sample_cost = overhead * batch * out_positions + batch * num_experts
+    return "mix_outputs" if shared_cost <= per_sample_cost else "mix_kernels"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvConfig:
+    """Convolution attributes shared by PerSampleConv, CondConv and DynamicConv."""
+
+    strides: Any
+    padding: Any
+    kernel_dilation: Any
+    feature_group_count: int
+    precision: Any
+    method: str
+
+
+def mixed_conv(
+    inputs: jax.Array,
+    routing: jax.Array,
+    bank: jax.Array,
+    bias_bank: jax.Array | None,
+    config: ConvConfig,
+    mixing: str,
+) -> jax.Array:
+    """``conv(inputs[b], sum_n routing[b, n] * bank[n]) + sum_n routing[b, n] * bias_bank[n]``.
+
+    Args:
+      inputs: ``(B, *spatial, C_in)``.
+      routing: ``(B, k)`` mixing weights.
+      bank: ``(k, *kernel_size, C_in // G, C_out)``.
+      bias_bank: ``(k, C_out)`` or None.
+      mixing: ``"auto"``, ``"mix_kernels"`` or ``"mix_outputs"`` (same result).
+
+    Returns:
+      ``(B, *out_spatial, C_out)``.
+    """
+    k, *kernel_size, _, out_channels = bank.shape
+    groups = config.feature_group_count
+    spec = conv_spec(
+        inputs.shape[1:-1],
+        kernel_size,
+        strides=config.strides,
+        padding=config.padding,
+        kernel_dilation=config.kernel_dilation,
+        input_dilation=1,
+        feature_group_count=groups,
+        precision=config.precision,
+    )
+    if mixing == "auto":
+        out_positions = math.prod(_lowerings.output_spatial_shape(inputs.shape[1:-1], kernel_size, spec))
+        mixing = choose_mixing(jax.default_backend(), k, inputs.shape[0], out_positions)
+    mixed_bias = mix_kernels(bias_bank, routing, precision=config.precision) if bias_bank is not None else None
+    if mixing == "mix_kernels":
+        kernels = mix_kernels(bank, routing, precision=config.precision)
+        return per_sample_conv(
+            inputs,
+            kernels,
+            mixed_bias,
+            strides=spec.strides,
+            padding=spec.pads,
+            kernel_dilation=spec.kernel_dilation,
+            feature_group_count=groups,
+            precision=config.precision,
+            method=config.method,
+        )
+    # One conv over all experts' channels, ordered group-major (G, k, C_out / G) so that lax's
+    # grouping gives each expert its own grouped conv, then a per-sample weighted sum over k.
+    split = bank.reshape(k, *kernel_size, bank.shape[-2], groups, out_channels // groups)
+    fused = jnp.moveaxis(split, 0, -2).reshape(*kernel_size, bank.shape[-2], k * out_channels)
+    out = _lowerings.shared_conv(inputs, fused, spec, groups)
+    out = out.reshape(*out.shape[:-1], groups, k, out_channels // groups)
+    out = mix_outputs(out, routing.astype(out.dtype), axis=out.ndim - 2).reshape(*out.shape[:-3], out_channels)
+    if mixed_bias is not None:
+        out = out + mixed_bias.reshape((out.shape[0],) + (1,) * (out.ndim - 2) + (out_channels,))
+    return out
+
+
+def spatial_mean(inputs: jax.Array) -> jax.Array:
+    """Global average pooling: ``(B, *spatial, C) -> (B, C)``."""
+    return jnp.mean(inputs, axis=tuple(range(1, inputs.ndim - 1)))
+
+
+def check_temperature(temperature: Any) -> None:
+    """A concrete non-positive temperature is an error; a traced one cannot be checked here."""
+    if isinstance(temperature, jax.core.Tracer):
+        return
+    value = np.asarray(temperature)
+    if value.shape != () or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"`temperature` must be a positive finite scalar, got {temperature!r}.")
+
+
+def check_routing(routing: Any, batch: int, k: int, name: str) -> None:
+    shape = tuple(getattr(routing, "shape", ()))
+    if shape != (batch, k):
+        raise ValueError(f"`{name}` must have shape ({batch}, {k}) (batch, num_experts), got shape {shape}.")
+
+
+def check_mixing(mixing: str) -> None:
+    if mixing not in MIXINGS:
+        raise ValueError(f"`mixing` must be one of {MIXINGS}, got {mixing!r}.")
+
+
+def check_layer(features: int, num_experts: int | None, feature_group_count: int) -> None:
+    named = [("features", features), ("feature_group_count", feature_group_count)]
+    if num_experts is not None:
+        named.append(("num_experts", num_experts))
+    for name, value in named:
+        if not _checks.is_int(value) or value < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    if features % feature_group_count:
+        raise ValueError(
+            f"`features` (={features}) must be divisible by `feature_group_count` (={feature_group_count})."
+        )
+
+
+def temperature_schedule(
+    step: int | jax.Array, *, start: float = 30.0, end: float = 1.0, anneal_steps: int
+) -> jax.Array:
+    """Dynamic Convolution's temperature: linear from ``start`` to ``end`` over ``anneal_steps``, then ``end``.
+
+    Chen et al. (CVPR 2020) anneal from 30 to 1 over the first epochs. A plain function of the step
+    (traceable), so one jitted training step serves the whole schedule.
+    """
+    if anneal_steps < 1:
+        raise ValueError(f"`anneal_steps` must be >= 1, got {anneal_steps!r}.")
+    progress = jnp.clip(jnp.asarray(step, jnp.float32) / anneal_steps, 0.0, 1.0)
+    return jnp.float32(start) + (jnp.float32(end) - jnp.float32(start)) * progress
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+    """Attributes of PerSampleConv, CondConv and DynamicConv that the maths needs (linen and NNX alike)."""
+
+    features: int
+    kernel_size: Any
+    num_experts: int | None
+    strides: Any
+    padding: Any
+    kernel_dilation: Any
+    feature_group_count: int
+    dtype: Any
+    precision: Any
+    mixing: str
+    method: str
+
+    @property
+    def conv(self) -> ConvConfig:
+        return ConvConfig(
+            self.strides, self.padding, self.kernel_dilation, self.feature_group_count, self.precision, self.method
+        )
+
+
+def hidden_width(in_channels: int, ratio: float) -> int:
+    """Dynamic Convolution's attention width: ``int(C_in * ratio) + 1`` (never zero)."""
+    return int(in_channels * ratio) + 1
+
+
+def _dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, precision: Any) -> jax.Array:
+    out = jnp.matmul(x, kernel, precision=precision)
+    return out if bias is None else out + bias[None, :]
+
+
+def cond_conv(
+    config: LayerConfig,
+    inputs: jax.Array,
+    routing_weights: jax.Array | None,
+    routing_kernel: jax.Array,
+    routing_bias: jax.Array,
+    bank: jax.Array,
+    bias_bank: jax.Array | None,
+) -> jax.Array:
+    """CondConv: sigmoid routing from the pooled input (or the given weights), then mixed conv."""
+    if routing_weights is None:
+        pooled, routing_kernel, routing_bias = promote_dtype(
+            (spatial_mean(inputs), routing_kernel, routing_bias), dtype=config.dtype
+        )
+        routing = jax.nn.sigmoid(_dense(pooled, routing_kernel, routing_bias, config.precision))
+    else:
+        check_routing(routing_weights, inputs.shape[0], bank.shape[0], "routing_weights")
+        routing = routing_weights
+    inputs, routing, bank, bias_bank = promote_dtype((inputs, routing, bank, bias_bank), dtype=config.dtype)
+    return mixed_conv(inputs, routing, bank, bias_bank, config.conv, config.mixing)
+
+
+def dynamic_conv(
+    config: LayerConfig,
+    inputs: jax.Array,
+    temperature: Any,
+    attention_weights: jax.Array | None,
+    hidden_kernel: jax.Array,
+    attention_kernel: jax.Array,
+    attention_bias: jax.Array,
+    bank: jax.Array,
+    bias_bank: jax.Array | None,
+) -> jax.Array:
+    """Dynamic Convolution: softmax(attention logits / temperature) (or the given weights), then mixed conv."""
+    if attention_weights is None:
+        check_temperature(temperature)
+        pooled, hidden_kernel, attention_kernel, attention_bias = promote_dtype(
+            (spatial_mean(inputs), hidden_kernel, attention_kernel, attention_bias), dtype=config.dtype
+        )
+        hidden = jax.nn.relu(_dense(pooled, hidden_kernel, None, config.precision))
+        logits = _dense(hidden, attention_kernel, attention_bias, config.precision)
+        attention = jax.nn.softmax(logits / jnp.asarray(temperature, logits.dtype), axis=-1)
+    else:
+        check_routing(attention_weights, inputs.shape[0], bank.shape[0], "attention_weights")
+        attention = attention_weights
+    inputs, attention, bank, bias_bank = promote_dtype((inputs, attention, bank, bias_bank), dtype=config.dtype)
+    return mixed_conv(inputs, attention, bank, bias_bank, config.conv, config.mixing)
+
+
+def per_sample_layer(config: LayerConfig, inputs: jax.Array, kernels: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """PerSampleConv: check the kernels against the layer's attributes, then :func:`per_sample_conv`."""
+    inputs = jnp.asarray(inputs)
+    _checks.check_layer_inputs(inputs, None, config.feature_group_count)
+    batch, in_channels = inputs.shape[0], inputs.shape[-1]
+    kernel_size = _checks.canonicalize_ints(config.kernel_size, inputs.ndim - 2, "kernel_size")
+    expected = (batch, *kernel_size, in_channels // config.feature_group_count, config.features)
+    if tuple(getattr(kernels, "shape", ())) != expected:
+        raise ValueError(
+            f"`kernels` must have shape {expected} (B, *kernel_size, C_in // G, features) for this layer and "
+            f"`inputs` of shape {inputs.shape}, got shape {tuple(getattr(kernels, 'shape', ()))}."
+        )
+    if bias is not None and tuple(bias.shape) not in ((batch, config.features), (config.features,)):
+        raise ValueError(
+            f"`bias` must have shape ({batch}, {config.features}) or ({config.features},), "
+            f"got shape {tuple(bias.shape)}."
+        )
+    inputs, kernels, bias = promote_dtype((inputs, kernels, bias), dtype=config.dtype)
+    return per_sample_conv(
+        inputs,
+        kernels,
+        bias,
+        strides=config.strides,
+        padding=config.padding,
+        kernel_dilation=config.kernel_dilation,
+        feature_group_count=config.feature_group_count,
+        precision=config.precision,
+        method=config.method,
+    )
