@@ -18,12 +18,16 @@ BatchNorm ``weight, bias, running_mean, running_var`` <-> ``scale, offset, mean,
 (``num_batches_tracked`` ignored on load, exported as int64 0). Every conversion is strict: missing
 keys, unexpected keys and shape mismatches are reported together in one :class:`StateDictError`.
 
-Registered modules: ``jdynconv.linen.BranchMixConv``, ``jdynconv.nnx.BranchMixConv``. Others (your own
-models, built from :func:`conv_rules`, :func:`linear_rules`, :func:`batchnorm_rules`) with
-:func:`register`.
+Registered modules (linen and NNX): ``BranchMixConv`` (the seed's PyTorch model), ``CondConv`` (timm's
+``CondConv2d`` with its experts flattened, ``weight (k, F * C_in // G * prod(K))``, plus the routing
+``nn.Linear`` as ``routing_fn``) and ``DynamicConv`` (the Dynamic Convolution layout: ``weight (k, F,
+C_in // G, *K)``, the attention's 1x1 convs ``attention.fc1``/``attention.fc2``); see
+:func:`cond_conv_rules` and :func:`dynamic_conv_rules`. Others (your own models, built from
+:func:`conv_rules`, :func:`linear_rules`, :func:`batchnorm_rules` and the rest) with :func:`register`.
 """
 
 from jdynconv.interop import _branch_mix as _branch_mix  # registers BranchMixConv
+from jdynconv.interop import _kernel_mix as _kernel_mix  # registers CondConv, DynamicConv
 from jdynconv.interop._branch_mix import branch_mix_rules as branch_mix_rules
 from jdynconv.interop._convert import Converter as Converter
 from jdynconv.interop._convert import linen_to_torch as linen_to_torch
@@ -32,6 +36,9 @@ from jdynconv.interop._convert import register as register
 from jdynconv.interop._convert import torch_to_linen as torch_to_linen
 from jdynconv.interop._convert import torch_to_nnx as torch_to_nnx
 from jdynconv.interop._io import load_state_dict as load_state_dict
+from jdynconv.interop._kernel_mix import ReshapedPermutation as ReshapedPermutation
+from jdynconv.interop._kernel_mix import cond_conv_rules as cond_conv_rules
+from jdynconv.interop._kernel_mix import dynamic_conv_rules as dynamic_conv_rules
 from jdynconv.interop._rules import Dim as Dim
 from jdynconv.interop._rules import Permutation as Permutation
 from jdynconv.interop._rules import Rule as Rule
@@ -48,13 +55,16 @@ __all__ = [
     "Converter",
     "Dim",
     "Permutation",
+    "ReshapedPermutation",
     "Rule",
     "StateDictError",
     "Target",
     "batchnorm_rules",
     "branch_mix_rules",
+    "cond_conv_rules",
     "conv_layout",
     "conv_rules",
+    "dynamic_conv_rules",
     "flax_from_torch",
     "linear_rules",
     "linen_to_torch",
