@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -95,7 +96,8 @@ def gate_activation(logits: jax.Array, activation: str | Activation, temperature
     if activation == "leaky_relu":
         return leaky_relu(logits)
     if activation == "softmax":
-        return jax.nn.softmax(logits / temperature, axis=-1)
+        _checks.check_temperature(temperature)
+        return jax.nn.softmax(logits / jnp.asarray(temperature, logits.dtype), axis=-1)
     if activation == "sigmoid":
         return jax.nn.sigmoid(logits)
     return logits
@@ -164,7 +166,14 @@ def branch_mix(
     """
     groups = spec.feature_group_count
     k, features = params.scale.shape
-    out = _lowerings.shared_conv(inputs, fused_kernel(params.kernel, groups), spec, groups)
+    kernel = fused_kernel(params.kernel, groups)
+    taps = math.prod(kernel.shape[:-2])
+    # A narrow patch matrix (few input channels, e.g. an RGB stem: no wider than one branch's output)
+    # makes the matmul kernel gradient cheaper than XLA:CPU's conv one, at no more memory than the
+    # conv's own output. Decided per branch width, not k * features, so the program is the same for any k.
+    narrow = taps * kernel.shape[-2] <= features
+    conv = _lowerings.shared_conv_matmul_kernel_grad if narrow else _lowerings.shared_conv
+    out = conv(inputs, kernel, spec, groups)
     if params.bias is not None:
         out = out + _per_channel(_to_fused(params.bias, groups).astype(out.dtype), out.ndim)
     fused = [_to_fused(p, groups) for p in (params.scale, params.offset, mean, var)]
@@ -229,7 +238,7 @@ def check_config(features: int, num_branches: int, feature_group_count: int, gat
         ("num_branches", num_branches),
         ("feature_group_count", feature_group_count),
     ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _checks.is_int(value) or value < 1:
             raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
     if features % feature_group_count:
         raise ValueError(

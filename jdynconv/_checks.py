@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -154,3 +155,12 @@ def check_layer_inputs(inputs: Any, in_features: int | None, feature_group_count
         raise ValueError(
             f"`inputs` channels (={channels}) must be divisible by `feature_group_count` (={feature_group_count})."
         )
+
+
+def check_temperature(temperature: Any) -> None:
+    """A concrete non-positive temperature is an error; a traced one cannot be checked here."""
+    if isinstance(temperature, jax.core.Tracer):
+        return
+    value = np.asarray(temperature)
+    if value.shape != () or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"`temperature` must be a positive finite scalar, got {temperature!r}.")

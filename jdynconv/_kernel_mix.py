@@ -19,11 +19,10 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax.nnx.nn.dtypes import promote_dtype
 
 from jdynconv import _checks, _lowerings
-from jdynconv.functional import conv_spec, mix_kernels, mix_outputs, per_sample_conv
+from jdynconv.functional import METHODS, conv_spec, mix_kernels, mix_outputs, per_sample_conv
 
 Mixing = Literal["auto", "mix_kernels", "mix_outputs"]
 MIXINGS: tuple[str, ...] = ("auto", "mix_kernels", "mix_outputs")
@@ -127,24 +126,18 @@ def spatial_mean(inputs: jax.Array) -> jax.Array:
     return jnp.mean(inputs, axis=tuple(range(1, inputs.ndim - 1)))
 
 
-def check_temperature(temperature: Any) -> None:
-    """A concrete non-positive temperature is an error; a traced one cannot be checked here."""
-    if isinstance(temperature, jax.core.Tracer):
-        return
-    value = np.asarray(temperature)
-    if value.shape != () or not np.isfinite(value) or value <= 0:
-        raise ValueError(f"`temperature` must be a positive finite scalar, got {temperature!r}.")
-
-
 def check_routing(routing: Any, batch: int, k: int, name: str) -> None:
     shape = tuple(getattr(routing, "shape", ()))
     if shape != (batch, k):
         raise ValueError(f"`{name}` must have shape ({batch}, {k}) (batch, num_experts), got shape {shape}.")
 
 
-def check_mixing(mixing: str) -> None:
+def check_mixing(mixing: str, method: str) -> None:
+    """Both are checked up front: ``method`` is used only on the ``mix_kernels`` path."""
     if mixing not in MIXINGS:
         raise ValueError(f"`mixing` must be one of {MIXINGS}, got {mixing!r}.")
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
 
 
 def check_layer(features: int, num_experts: int | None, feature_group_count: int) -> None:
@@ -189,6 +182,7 @@ class LayerConfig:
     precision: Any
     mixing: str
     method: str
+    input_dilation: Any = 1
 
     @property
     def conv(self) -> ConvConfig:
@@ -242,7 +236,7 @@ def dynamic_conv(
 ) -> jax.Array:
     """Dynamic Convolution: softmax(attention logits / temperature) (or the given weights), then mixed conv."""
     if attention_weights is None:
-        check_temperature(temperature)
+        _checks.check_temperature(temperature)
         pooled, hidden_kernel, attention_kernel, attention_bias = promote_dtype(
             (spatial_mean(inputs), hidden_kernel, attention_kernel, attention_bias), dtype=config.dtype
         )
@@ -281,6 +275,7 @@ def per_sample_layer(config: LayerConfig, inputs: jax.Array, kernels: jax.Array,
         strides=config.strides,
         padding=config.padding,
         kernel_dilation=config.kernel_dilation,
+        input_dilation=config.input_dilation,
         feature_group_count=config.feature_group_count,
         precision=config.precision,
         method=config.method,

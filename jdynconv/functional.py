@@ -96,6 +96,12 @@ def per_sample_conv(
     if kernels.shape[0] != batch:
         raise ValueError(f"`kernels` must have batch size {batch} to match `inputs`, got shape {given_kernel_shape}.")
     groups = _check_groups(feature_group_count, in_channels, group_in_channels, out_channels, given_kernel_shape)
+    if any(k < 1 for k in kernel_size):
+        raise ValueError(
+            f"`kernels` must have every kernel size >= 1, got kernel size {tuple(kernel_size)} "
+            f"(kernels shape {given_kernel_shape})."
+        )
+    _check_preferred_element_type(preferred_element_type, inputs.dtype)
 
     spec = conv_spec(
         spatial,
@@ -109,7 +115,12 @@ def per_sample_conv(
         preferred_element_type=preferred_element_type,
     )
     lowering = _lowerings.choose_lowering(jax.default_backend()) if method == "auto" else _lowerings.LOWERINGS[method]
-    out = lowering(inputs, kernels, spec)
+    if batch == 0:
+        # An empty batch has an empty result; the lowerings' reshapes and B * G groups cannot express it.
+        out_spatial = _lowerings.output_spatial_shape(spatial, kernel_size, spec)
+        out = jnp.zeros((0, *out_spatial, out_channels), preferred_element_type or inputs.dtype)
+    else:
+        out = lowering(inputs, kernels, spec)
     if bias is not None:
         out = out + _broadcastable_bias(bias, batch, out_channels, inputs.dtype, num_spatial).astype(out.dtype)
     return jnp.moveaxis(out, -1, 1) if channels_first else out
@@ -185,6 +196,18 @@ def _check_groups(
             f"kernels shape {tuple(kernel_shape)}."
         )
     return groups
+
+
+def _check_preferred_element_type(preferred_element_type: Any, dtype: Any) -> None:
+    """As ``jax.lax``: a floating-point accumulation type no narrower than the inputs' (or None)."""
+    if preferred_element_type is None:
+        return
+    wanted = jnp.dtype(preferred_element_type)
+    if not jnp.issubdtype(wanted, jnp.floating) or jnp.finfo(wanted).bits < jnp.finfo(dtype).bits:
+        raise TypeError(
+            f"`preferred_element_type` must be a floating-point dtype at least as wide as the inputs' ({dtype}), "
+            f"got {wanted}."
+        )
 
 
 def _broadcastable_bias(bias: ArrayLike, batch: int, out_channels: int, dtype: Any, num_spatial: int) -> jax.Array:

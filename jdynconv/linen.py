@@ -335,7 +335,7 @@ class DynamicConv(nn.Module):
 def _layer_config(module: PerSampleConv | CondConv | DynamicConv, num_experts: int | None) -> _kernel_mix.LayerConfig:
     _kernel_mix.check_layer(module.features, num_experts, module.feature_group_count)
     mixing = getattr(module, "mixing", "auto")
-    _kernel_mix.check_mixing(mixing)
+    _kernel_mix.check_mixing(mixing, module.method)
     return _kernel_mix.LayerConfig(
         features=module.features,
         kernel_size=module.kernel_size,
@@ -348,6 +348,7 @@ def _layer_config(module: PerSampleConv | CondConv | DynamicConv, num_experts: i
         precision=module.precision,
         mixing=mixing,
         method=module.method,
+        input_dilation=getattr(module, "input_dilation", 1),
     )
 
 

@@ -62,7 +62,7 @@ class BranchMixConv(nnx.Module):
         rngs: nnx.Rngs,
     ) -> None:
         _branch_mix.check_config(features, num_branches, feature_group_count, gate_input, gate_activation)
-        if not isinstance(in_features, int) or in_features < 1 or in_features % feature_group_count:
+        if not _checks.is_int(in_features) or in_features < 1 or in_features % feature_group_count:
             raise ValueError(
                 f"`in_features` must be a positive int divisible by `feature_group_count` (={feature_group_count}), "
                 f"got {in_features!r}."
@@ -83,7 +83,8 @@ class BranchMixConv(nnx.Module):
                     "int per spatial dim (e.g. (3, 3)) or `input_shape`."
                 )
             kernel_size = (int(kernel_size),) * len(input_shape)
-        kernel_size = _checks.canonicalize_ints(tuple(kernel_size), len(tuple(kernel_size)), "kernel_size")
+        rank = len(input_shape) if input_shape is not None else len(tuple(kernel_size))
+        kernel_size = _checks.canonicalize_ints(tuple(kernel_size), rank, "kernel_size")
         self.in_features = in_features
         self.input_shape = input_shape
         self.use_running_average = use_running_average
@@ -177,9 +178,10 @@ def _nnx_layer_config(
     precision: Any,
     mixing: str,
     method: str,
+    input_dilation: Any = 1,
 ) -> _kernel_mix.LayerConfig:
     _kernel_mix.check_layer(features, num_experts, feature_group_count)
-    _kernel_mix.check_mixing(mixing)
+    _kernel_mix.check_mixing(mixing, method)
     if not _checks.is_int(in_features) or in_features < 1 or in_features % feature_group_count:
         raise ValueError(
             f"`in_features` must be a positive int divisible by `feature_group_count` (={feature_group_count}), "
@@ -205,6 +207,7 @@ def _nnx_layer_config(
         precision=precision,
         mixing=mixing,
         method=method,
+        input_dilation=input_dilation,
     )
 
 
@@ -225,6 +228,7 @@ class PerSampleConv(nnx.Module):
         strides: _checks.IntOrSequence = 1,
         padding: _checks.PaddingLike = "SAME",
         kernel_dilation: _checks.IntOrSequence = 1,
+        input_dilation: _checks.IntOrSequence = 1,
         feature_group_count: int = 1,
         dtype: Dtype | None = None,
         precision: Any = None,
@@ -245,6 +249,7 @@ class PerSampleConv(nnx.Module):
             precision=precision,
             mixing="auto",
             method=method,
+            input_dilation=input_dilation,
         )
 
     def __call__(self, inputs: jax.Array, kernels: jax.Array, bias: jax.Array | None = None) -> jax.Array:

@@ -178,3 +178,30 @@ def test_unknown_method_and_data_format() -> None:
 def test_channels_first_errors_quote_the_pytorch_layout() -> None:
     with pytest.raises(ValueError, match=re.escape("(B, C_out, C_in // G, *kernel_size)")):
         jdc.per_sample_conv(_x(2, 4, 16), _x(2, 8, 4), data_format="channels_first")
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bfloat16])
+def test_preferred_element_type_must_be_a_float_no_narrower_than_the_inputs(dtype: Any) -> None:
+    _raises(
+        TypeError,
+        ["`preferred_element_type` must be a floating-point dtype", "(float32)"],
+        _x(2, 5, 3),
+        _x(2, 1, 3, 4),
+        preferred_element_type=dtype,
+    )
+
+
+def test_zero_kernel_size() -> None:
+    _raises(
+        ValueError,
+        ["`kernels` must have every kernel size >= 1", "(2, 0, 2, 4)"],
+        _x(2, 8, 2),
+        _x(2, 0, 2, 4),
+        padding="VALID",
+    )
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap", "grouped", "scan", "im2col", "hybrid"])
+def test_empty_batch_gives_an_empty_result(method: str) -> None:
+    out = jdc.per_sample_conv(_x(0, 8, 2), _x(0, 3, 2, 4), strides=2, method=method)
+    assert out.shape == (0, 4, 4)

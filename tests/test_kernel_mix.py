@@ -218,3 +218,22 @@ def test_nnx_constructor_errors() -> None:
     model = jn.CondConv(3, 4, (3, 3), 2, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"`inputs` must have 2 spatial dims to match `kernel_size` \(3, 3\)"):
         model(jnp.ones((2, 5, 3)))
+
+
+def test_per_sample_conv_layer_input_dilation() -> None:
+    x = np.arange(5, dtype=np.float32).reshape(1, 5, 1)
+    kernels = np.ones((1, 1, 1, 1), np.float32)
+    expected = jdc.per_sample_conv(x, kernels, padding="VALID", input_dilation=2)
+    assert expected.shape == (1, 9, 1)
+    linen_layer = jl.PerSampleConv(1, 1, input_dilation=2, padding="VALID")
+    np.testing.assert_array_equal(linen_layer.apply({}, x, kernels), expected)
+    np.testing.assert_array_equal(jn.PerSampleConv(1, 1, (1,), input_dilation=2, padding="VALID")(x, kernels), expected)
+
+
+def test_method_is_checked_whatever_the_mixing() -> None:
+    x = np.ones((2, 5, 5, 3), np.float32)
+    # k = 2 on CPU picks mix_outputs, which never calls per_sample_conv: the typo must still be caught.
+    with pytest.raises(ValueError, match=r"`method` must be one of .*'typo'"):
+        jl.CondConv(4, 3, 2, method="typo").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"`method` must be one of .*'typo'"):
+        jn.DynamicConv(3, 4, (3, 3), 2, mixing="mix_outputs", method="typo", rngs=nnx.Rngs(0))

@@ -338,3 +338,20 @@ def test_flatten_gate_names_the_size_it_was_built_for() -> None:
     variables = module.init(jax.random.key(0), np.ones((2, 8, 8, 3), np.float32), use_running_average=True)
     with pytest.raises(ValueError, match=r"\(2, 4, 4, 3\) give 48 gate features.*built for 192"):
         module.apply(variables, np.ones((2, 4, 4, 3), np.float32), use_running_average=True)
+
+
+def test_softmax_gate_temperature_is_checked_and_cast() -> None:
+    x = np.ones((2, 5, 5, 3), np.float32)
+    module = BranchMixConv(4, 3, 2, gate_activation="softmax", dtype=jnp.bfloat16)
+    variables = module.init(jax.random.key(0), x, use_running_average=True)
+    with pytest.raises(ValueError, match=r"`temperature` must be a positive finite scalar, got 0\.0"):
+        module.apply(variables, x, use_running_average=True, temperature=0.0)
+    # A float32 schedule value with a bfloat16 computation dtype (strict promotion is on in tests).
+    out = module.apply(variables, x, use_running_average=True, temperature=jnp.float32(4.0))
+    assert out.dtype == jnp.bfloat16
+
+
+def test_numpy_integer_attributes_are_accepted() -> None:
+    module = BranchMixConv(features=np.int64(4), kernel_size=3, num_branches=np.int32(2))
+    variables = module.init(jax.random.key(0), np.ones((2, 5, 5, 3), np.float32), use_running_average=True)
+    assert variables["params"]["kernel"].shape == (2, 3, 3, 3, 4)

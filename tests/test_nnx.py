@@ -112,6 +112,7 @@ def test_nnx_training_step_with_optimizer_under_nnx_jit() -> None:
             ["`in_features` must be a positive int divisible"],
         ),
         ((3, 4, (3, 3), 2), {"input_shape": (8, 8, 8, 8)}, ["`input_shape` must have 1 to 3 spatial dims"]),
+        ((3, 4, (3,), 2), {"input_shape": (6, 6)}, ["`kernel_size` must have one entry per spatial dimension (2)"]),
     ],
 )
 def test_constructor_errors(args: tuple, kwargs: dict, fragments: list[str]) -> None:
