@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -167,13 +166,7 @@ def branch_mix(
     groups = spec.feature_group_count
     k, features = params.scale.shape
     kernel = fused_kernel(params.kernel, groups)
-    taps = math.prod(kernel.shape[:-2])
-    # A narrow patch matrix (few input channels, e.g. an RGB stem: no wider than one branch's output)
-    # makes the matmul kernel gradient cheaper than XLA:CPU's conv one, at no more memory than the
-    # conv's own output. Decided per branch width, not k * features, so the program is the same for any k.
-    narrow = taps * kernel.shape[-2] <= features
-    conv = _lowerings.shared_conv_matmul_kernel_grad if narrow else _lowerings.shared_conv
-    out = conv(inputs, kernel, spec, groups)
+    out = _lowerings.shared_conv(inputs, kernel, spec, groups)
     if params.bias is not None:
         out = out + _per_channel(_to_fused(params.bias, groups).astype(out.dtype), out.ndim)
     fused = [_to_fused(p, groups) for p in (params.scale, params.offset, mean, var)]
