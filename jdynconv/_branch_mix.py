@@ -203,7 +203,7 @@ def branch_mix_rematerialised(
     @jax.checkpoint
     def add_branch(total: jax.Array, branch: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         kernel, bias, scale, offset, branch_mean, branch_var, weight = branch
-        out = _lowerings.shared_conv(inputs, kernel, spec, groups)
+        out = _lowerings.shared_conv_matmul_kernel_grad(inputs, kernel, spec, groups)
         if bias is not None:
             out = out + _per_channel(bias.astype(out.dtype), out.ndim)
         normalised, stats = _batch_norm(out, scale, offset, branch_mean, branch_var, training=training, norm=norm)
