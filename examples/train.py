@@ -1,0 +1,104 @@
+"""Train a small CNN built from jdynconv layers on noisy oriented gratings (10 classes, made in-process).
+
+The model (``examples/trainer/model.py``): a BranchMixConv block (the seed's k-branch Conv -> BatchNorm
+-> LeakyReLU mixing), then two DynamicConv stages whose softmax temperature is annealed 30 -> 1 by the
+step. A ``jax.jit``-compiled optax step (linen) or ``nnx.jit`` + ``nnx.Optimizer`` (NNX), BatchNorm
+statistics carried as state, the batch split over every device (``jax.devices()``), periodic held-out
+evaluation, a tqdm progress bar, orbax checkpoints, and a loss/accuracy plot.
+
+    python examples/train.py                       # linen, defaults: well under 2 minutes on 2 CPU cores
+    python examples/train.py --api nnx
+    python examples/train.py --ckpt-dir runs/ckpt --steps 600          # checkpoint every 100 steps
+    python examples/train.py --ckpt-dir runs/ckpt --steps 600 --resume # continue from the latest one
+
+Writes ``<out-dir>/train_<api>.png`` (curves) and ``<out-dir>/train_<api>.json`` (history and summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from trainer.checkpoints import CheckpointError
+from trainer.loop import APIS, ConfigError, FitResult, TrainConfig, fit
+from trainer.plot import plot_history
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--api", choices=APIS, default=defaults.api, help="Flax API (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps (default: %(default)s)")
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="global batch (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="initialisation and data seed (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, default=defaults.learning_rate, help="peak AdamW rate (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=defaults.eval_every, help="steps between evaluations (default: %(default)s)"
+    )
+    parser.add_argument("--ckpt-dir", default=None, help="save orbax checkpoints here (default: no checkpoints)")
+    parser.add_argument(
+        "--ckpt-every", type=int, default=defaults.ckpt_every, help="steps between checkpoints (default: %(default)s)"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir")
+    parser.add_argument(
+        "--out-dir", type=Path, default=Path("runs"), help="where the plot and history go (default: %(default)s)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def summary(result: FitResult, config: TrainConfig) -> dict[str, Any]:
+    trained = result.steps - result.start_step
+    return {
+        "api": config.api,
+        "steps": result.steps,
+        "resumed_from": result.start_step,
+        "devices": result.num_devices,
+        "batch_size": config.batch_size,
+        "final_eval_accuracy": result.final_accuracy,
+        "train_seconds": round(result.seconds, 2),
+        "images_per_second": round(trained * config.batch_size / result.seconds, 1) if trained else None,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    config = TrainConfig(
+        api=args.api,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        learning_rate=args.learning_rate,
+        eval_every=args.eval_every,
+        ckpt_dir=args.ckpt_dir,
+        ckpt_every=args.ckpt_every,
+        resume=args.resume,
+    )
+    try:
+        result = fit(config, progress=not args.no_progress)
+    except (CheckpointError, ConfigError) as err:
+        sys.exit(f"error: {err}")
+    report = summary(result, config)
+    plot = plot_history(
+        result.history, args.out_dir / f"train_{config.api}.png", title=f"examples/train.py --api {config.api}"
+    )
+    (args.out_dir / f"train_{config.api}.json").write_text(json.dumps({**report, "history": result.history}, indent=1))
+    print(
+        f"{config.api}: held-out accuracy {report['final_eval_accuracy']:.1%} after {result.steps} steps "
+        f"(chance 10%), {report['train_seconds']} s on {result.num_devices} device(s); curves: {plot}"
+    )
+    return report
+
+
+if __name__ == "__main__":
+    main()
