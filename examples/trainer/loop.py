@@ -120,21 +120,22 @@ def _open_checkpoints(config: TrainConfig, trainer: Trainer) -> tuple[Checkpoint
     if config.ckpt_dir is None:
         return None, 0, history
     if not config.resume:
-        checkpoints = Checkpoints(config.ckpt_dir, config.ckpt_every)
+        checkpoints = Checkpoints(config.ckpt_dir)
         if (latest := checkpoints.latest_step()) is not None:
             raise CheckpointError(
                 f"checkpoint directory {checkpoints.directory} already holds checkpoints (latest step {latest}); "
                 "pass --resume to continue that run, or choose another --ckpt-dir."
             )
         return checkpoints, 0, history
-    checkpoints = open_for_resume(config.ckpt_dir, config.ckpt_every)
-    step, state, meta = checkpoints.restore_latest(trainer.state())
+    checkpoints = open_for_resume(config.ckpt_dir)
+    step = checkpoints.latest_or_error()
+    meta = checkpoints.read_meta(step)
     if meta.get("config") != config.record():
         raise CheckpointError(
             f"checkpoint step {step} in {checkpoints.directory} was written by a run with different settings: "
             f"{meta.get('config')} (this run: {config.record()})."
         )
-    trainer.load_state(state)
+    trainer.load_state(checkpoints.read_state(step, trainer.state()))
     return checkpoints, step, meta["history"]
 
 
@@ -164,7 +165,11 @@ def fit(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None, pro
         metrics = trainer.train_step(*next_batch(step), temp)
         window.append(metrics)
         done = step + 1
-        if len(window) == LOG_EVERY or done == config.steps:
+        evaluate_now = done % config.eval_every == 0 or done == config.steps
+        save_now = checkpoints is not None and (done % config.ckpt_every == 0 or done == config.steps)
+        # Rows end at multiples of LOG_EVERY and wherever a checkpoint is saved, so a resumed run's
+        # rows are exactly the uninterrupted run's.
+        if done % LOG_EVERY == 0 or evaluate_now or save_now:
             loss, accuracy = (float(np.mean([m[name] for m in window])) for name in ("loss", "accuracy"))
             history["train"].append([done, loss, accuracy, float(temp)])
             window.clear()
@@ -172,12 +177,11 @@ def fit(config: TrainConfig, *, devices: Sequence[jax.Device] | None = None, pro
             bar.set_postfix(
                 loss=f"{loss:.3f}", acc=f"{accuracy:.2f}", T=f"{float(temp):.1f}", img_s=f"{images_per_s:.0f}"
             )
-        if done % config.eval_every == 0 or done == config.steps:
+        if evaluate_now:
             history["eval"].append([done, evaluate(trainer, eval_images, eval_labels, temp)])
             bar.write(f"step {done}: eval accuracy {history['eval'][-1][1]:.3f}")
-        if checkpoints is not None:
-            meta = {"config": config.record(), "history": history}
-            checkpoints.save(done, trainer.state(), meta, force=done == config.steps)
+        if save_now:
+            checkpoints.save(done, trainer.state(), {"config": config.record(), "history": history})
     seconds = time.perf_counter() - started
     bar.close()
     if checkpoints is not None:

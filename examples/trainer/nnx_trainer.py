@@ -51,7 +51,10 @@ class NnxTrainer:
         return _logits(self.model, images, temperature)
 
     def state(self) -> dict[str, Any]:
-        return {"model": nnx.state(self.model).to_pure_dict(), "optimizer": nnx.state(self.optimizer).to_pure_dict()}
+        return {
+            "model": nnx.to_pure_dict(nnx.state(self.model)),
+            "optimizer": nnx.to_pure_dict(nnx.state(self.optimizer)),
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         state = replicate(state, self._mesh)
@@ -62,6 +65,6 @@ class NnxTrainer:
 
     def variables(self) -> dict[str, Any]:
         return {
-            "params": nnx.state(self.model, nnx.Param).to_pure_dict(),
-            "batch_stats": nnx.state(self.model, nnx.BatchStat).to_pure_dict(),
+            "params": nnx.to_pure_dict(nnx.state(self.model, nnx.Param)),
+            "batch_stats": nnx.to_pure_dict(nnx.state(self.model, nnx.BatchStat)),
         }

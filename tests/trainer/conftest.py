@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="package")
 def standard_promotion() -> Iterator[None]:
     """optax's Adam computes ``1 - b1 ** count`` with an int32 count, which strict promotion refuses
-    (optax 0.2.8), so the training loop runs under JAX's default promotion, as users run it."""
+    (optax 0.2.8), so the training loop runs under JAX's default promotion, as users run it.
+
+    Package scope: module-scoped fixtures here train models, and they must see the setting too; it
+    ends with this directory, so the rest of the suite stays strict."""
     with jax.numpy_dtype_promotion("standard"):
         yield
 
