@@ -332,3 +332,13 @@ def test_run_all_checks_the_readme_before_running_anything(tmp_path: Path) -> No
     assert completed.returncode == 2, completed.stderr
     assert "benchmark-summary" in completed.stderr
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_readme_and_summary_md_match_the_committed_results() -> None:
+    """The README's tables and SUMMARY.md are what the committed JSON renders to (regenerate with
+    ``python benchmarks/summary.py --readme README.md`` after new results)."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    rendered = summary.render_summary(RESULTS_DIR)
+    assert summary.update_block(readme, rendered) == readme
+    summary_md = (RESULTS_DIR / "SUMMARY.md").read_text()
+    assert summary_md == "# Benchmark summary\n\n" + summary.render_summary(RESULTS_DIR, link_base=RESULTS_DIR)

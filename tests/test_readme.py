@@ -26,3 +26,27 @@ def test_readme_snippet_runs_and_shapes_match_comments(block: str) -> None:
         assert namespace[name].shape == expected, f"{name}: {namespace[name].shape} != {expected}"
         checked += 1
     assert checked > 0
+
+
+BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.DOTALL)
+SETUP_PREFIX = "python3 -m venv .venv && "
+
+
+def test_exactly_two_setup_commands_and_ci_runs_the_test_one() -> None:
+    setup = [line for block in BASH_BLOCKS for line in block.splitlines() if line.startswith(SETUP_PREFIX)]
+    assert len(setup) == 2
+    main_example, test_command = setup
+    assert main_example.endswith(".venv/bin/python examples/train.py")
+    assert test_command.endswith(".venv/bin/python -m pytest -q")
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci
+
+
+def test_train_commands_use_flags_train_py_accepts() -> None:
+    import train  # examples/ is on pytest's path
+
+    commands = [line.split("#")[0].split() for block in BASH_BLOCKS for line in block.splitlines()]
+    flag_sets = [words[words.index("examples/train.py") + 1 :] for words in commands if "examples/train.py" in words]
+    assert len(flag_sets) >= 4
+    for flags in flag_sets:
+        train.parse_args(flags)  # argparse exits on an unknown flag or a bad value
