@@ -83,3 +83,24 @@ def test_both_file_formats_give_identical_variables(results: dict[str, float], o
         a, b = np.asarray(a), np.asarray(b)
         assert (a.dtype, a.shape) == (b.dtype, b.shape)
         assert a.tobytes() == b.tobytes()
+
+
+def test_example_model_is_the_parity_suites_seed_model() -> None:
+    """The example carries its own copy of the seed's model (a user's file would); it must stay the one
+    the parity suite checks: same state-dict names and shapes, same outputs from the same weights."""
+    import torch
+
+    from parity.seed_model import SeedModel
+
+    args = (3, 8, 4, 3, 1, (10, 10))
+    torch.manual_seed(0)
+    example, reference = port_from_pytorch.SeedModel(*args), SeedModel(*args)
+    example_state = example.state_dict()
+    assert {k: v.shape for k, v in example_state.items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    reference.load_state_dict(example_state)
+    x = torch.randn(5, 3, 10, 10)
+    for train in (True, False):
+        example.train(train)
+        reference.train(train)
+        with torch.no_grad():
+            assert torch.equal(example(x), reference(x))

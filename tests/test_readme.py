@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -50,3 +51,15 @@ def test_train_commands_use_flags_train_py_accepts() -> None:
     assert len(flag_sets) >= 4
     for flags in flag_sets:
         train.parse_args(flags)  # argparse exits on an unknown flag or a bad value
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_training_table_matches_the_recorded_runs(api: str) -> None:
+    """The README's default-run figures are the ones in docs/train_<api>.json (written by train.py)."""
+    record = json.loads((README.parent / "docs" / f"train_{api}.json").read_text())
+    assert (record["steps"], record["batch_size"], record["devices"], record["resumed_from"]) == (600, 64, 1, 0)
+    row = next(line for line in README.read_text().splitlines() if line.startswith(f"| `{api}` |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1] == f"{record['final_eval_accuracy']:.1%}"
+    assert cells[2] == f"{record['loop_seconds']:.1f} s ({record['images_per_second']:.0f} images/s)"
+    assert cells[3] == f"{record['command_seconds']:.1f} s"

@@ -66,9 +66,11 @@ class Checkpoints:
         try:
             return self._manager.restore(step, args=args)
         except Exception as err:  # orbax/tensorstore raise many types; all mean "this step is unusable"
+            older = [s for s in self._manager.all_steps() if s < step]
+            hint = f"; delete {self.directory / str(step)} to resume from step {max(older)}" if older else ""
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} could not be read; it is corrupt, incomplete or "
-                f"was written by a different model ({type(err).__name__}: {err})"
+                f"was written by a different model ({type(err).__name__}: {err}){hint}"
             ) from err
 
     def close(self) -> None:

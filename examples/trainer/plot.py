@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on a server or in CI
-import matplotlib.pyplot as plt
+# The object-oriented API renders straight to a file with Agg: no display needed, and importing this
+# module does not change pyplot's backend for anyone else (a notebook, say).
+from matplotlib.figure import Figure
 
 
 def plot_history(history: dict[str, list[list[float]]], path: str | Path, title: str) -> Path:
@@ -15,7 +14,8 @@ def plot_history(history: dict[str, list[list[float]]], path: str | Path, title:
     train = list(zip(*history["train"], strict=True)) if history["train"] else [[], [], [], []]
     evals = list(zip(*history["eval"], strict=True)) if history["eval"] else [[], []]
     steps, loss, accuracy, temperature = train
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
     loss_ax.plot(steps, loss, color="tab:blue", label="train loss")
     loss_ax.set(xlabel="step", ylabel="cross-entropy", title="loss")
     temp_ax = loss_ax.twinx()
@@ -31,5 +31,4 @@ def plot_history(history: dict[str, list[list[float]]], path: str | Path, title:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

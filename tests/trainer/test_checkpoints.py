@@ -64,10 +64,33 @@ def test_resume_of_a_finished_run_trains_nothing(finished_run: tuple[Path, FitRe
     ckpt_dir, uninterrupted = finished_run
     copy = tmp_path / "ckpt"
     shutil.copytree(ckpt_dir, copy)
-    api = uninterrupted_api(uninterrupted)
-    resumed = run(small_config(copy, api, resume=True))
+    resumed = run(small_config(copy, uninterrupted_api(uninterrupted), resume=True))
     assert resumed.start_step == 6
-    assert resumed.final_accuracy == uninterrupted.final_accuracy
+    expected, actual = leaves(uninterrupted.trainer.state()), leaves(resumed.trainer.state())
+    for path, value in expected.items():
+        np.testing.assert_array_equal(actual[path], value, err_msg=path)
+
+
+def test_resume_at_the_last_step_between_evaluations_evaluates(
+    finished_run: tuple[Path, FitResult], tmp_path: Path
+) -> None:
+    """--steps 3 from the step-3 checkpoint of a run that evaluates every 6: nothing to train, one eval."""
+    ckpt_dir, uninterrupted = finished_run
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt_dir, copy)
+    shutil.rmtree(copy / "6")
+    resumed = run(small_config(copy, uninterrupted_api(uninterrupted), steps=3, eval_every=6, resume=True))
+    assert resumed.start_step == 3
+    assert resumed.history["eval"][-1][0] == 3
+    assert resumed.final_accuracy == uninterrupted.history["eval"][0][1]  # the step-3 model, evaluated again
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint(finished_run: tuple[Path, FitResult], tmp_path: Path) -> None:
+    ckpt_dir, uninterrupted = finished_run
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt_dir, copy)
+    with pytest.raises(ConfigError, match=r"`steps` must be at least the checkpoint's step \(6\).*got 3"):
+        run(small_config(copy, uninterrupted_api(uninterrupted), steps=3, resume=True))
 
 
 def test_missing_directory(tmp_path: Path) -> None:
@@ -101,7 +124,7 @@ def test_corrupt_checkpoint(finished_run: tuple[Path, FitResult], tmp_path: Path
             if path.is_file():
                 path.write_bytes(b"\0garbage")
     api = uninterrupted_api(uninterrupted)
-    with pytest.raises(CheckpointError, match=r"checkpoint step 6 in .* could not be read"):
+    with pytest.raises(CheckpointError, match=r"checkpoint step 6 in .* could not be read.*to resume from step 3$"):
         run(small_config(copy, api, resume=True))
 
 
@@ -114,7 +137,7 @@ def test_checkpoint_of_other_settings(finished_run: tuple[Path, FitResult], tmp_
     assert '"learning_rate": 0.003' in text
     meta.write_text(text.replace('"learning_rate": 0.003', '"learning_rate": 0.1'))
     api = "nnx" if '"api": "nnx"' in text else "linen"
-    with pytest.raises(CheckpointError, match="was written by a run with different settings"):
+    with pytest.raises(CheckpointError, match=r"different settings \(learning_rate: 0.1 there, 0.003 here\)\.$"):
         run(small_config(copy, api, resume=True))
 
 
@@ -123,7 +146,8 @@ def test_other_api_cannot_resume(finished_run: tuple[Path, FitResult], tmp_path:
     copy = tmp_path / "ckpt"
     shutil.copytree(ckpt_dir, copy)
     other = "nnx" if uninterrupted_api(uninterrupted) == "linen" else "linen"
-    with pytest.raises(CheckpointError, match=f"different settings: .*'api': '{uninterrupted_api(uninterrupted)}'"):
+    api = uninterrupted_api(uninterrupted)
+    with pytest.raises(CheckpointError, match=rf"different settings \(api: '{api}' there, '{other}' here\)\.$"):
         run(small_config(copy, other, resume=True))
 
 

@@ -19,9 +19,11 @@ from trainer.loop import ConfigError, TrainConfig, fit
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 SCRIPT = """
-import json, sys
+import dataclasses, json, shutil, sys, tempfile
+from pathlib import Path
 import jax, numpy as np
-from trainer.loop import TrainConfig, fit, make_trainer
+from jax.sharding import PartitionSpec
+from trainer.loop import TrainConfig, eval_set, fit, make_trainer
 from trainer.sharding import batch_split, data_mesh
 
 def leaves(tree):
@@ -31,19 +33,40 @@ report = {"devices": jax.device_count()}
 mesh = data_mesh()
 batch = jax.jit(lambda: jax.numpy.zeros((16, 4)), out_shardings=batch_split(mesh))()
 report["batch_shard_rows"] = sorted(int(s.data.shape[0]) for s in batch.addressable_shards)
+# 512 held-out images: two chunks of 256, each split 4 ways (evaluation is data-parallel too).
+eval_images, _ = eval_set(TrainConfig(eval_size=512), mesh)
+chunk = eval_images[1]
+report["eval_chunk"] = [list(chunk.shape), sorted(int(s.data.shape[0]) for s in chunk.addressable_shards)]
+
+def max_diff(a, b, keys):
+    return max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in keys)
+
 for api in ("linen", "nnx"):
-    config = TrainConfig(api=api, steps=3, batch_size=16, eval_every=3, eval_size=16)
+    config = TrainConfig(api=api, steps=4, batch_size=16, eval_every=4, eval_size=512)
     initial = leaves(make_trainer(config, data_mesh(jax.devices()[:1])).variables())
-    single = leaves(fit(config, devices=jax.devices()[:1], progress=False).trainer.variables())
-    sharded = fit(config, progress=False)
+    single_run = fit(config, devices=jax.devices()[:1], progress=False)
+    single = leaves(single_run.trainer.variables())
+    ckpt = Path(tempfile.mkdtemp()) / "ckpt"
+    sharded = fit(dataclasses.replace(config, ckpt_dir=str(ckpt), ckpt_every=2), progress=False)
     variables = leaves(sharded.trainer.variables())
+    # Sharded resume: drop the step-4 checkpoint, resume from step 2 on the 4 devices.
+    shutil.rmtree(ckpt / "4")
+    resumed = fit(dataclasses.replace(config, ckpt_dir=str(ckpt), ckpt_every=2, resume=True), progress=False)
+    resumed_state, sharded_state = leaves(resumed.trainer.state()), leaves(sharded.trainer.state())
+    params = [k for k in single if k.startswith("['params']")]
     report[api] = {
         "num_devices": sharded.num_devices,
-        "replicated_on": sorted({len(v.sharding.device_set) for v in variables.values()}),
+        "fully_replicated": all(v.sharding.is_fully_replicated for v in variables.values()),
         "keys_equal": sorted(single) == sorted(variables),
-        "max_abs_diff": max(float(np.max(np.abs(np.asarray(variables[k]) - np.asarray(single[k])))) for k in single),
+        "max_abs_diff": max_diff(variables, single, single),
         "max_abs_value": max(float(np.max(np.abs(np.asarray(single[k])))) for k in single),
-        "moved_from_init": max(float(np.max(np.abs(np.asarray(single[k]) - np.asarray(initial[k])))) for k in single),
+        "params_moved_from_init": max_diff(single, initial, params),
+        "num_params": len(params),
+        "eval_accuracy_diff": abs(sharded.final_accuracy - single_run.final_accuracy),
+        "resumed_from": resumed.start_step,
+        "resume_bitwise": sorted(resumed_state) == sorted(sharded_state)
+        and all(np.array_equal(resumed_state[k], sharded_state[k]) for k in sharded_state),
+        "resume_history_equal": resumed.history == sharded.history,
     }
 print("REPORT", json.dumps(report))
 """
@@ -51,7 +74,8 @@ print("REPORT", json.dumps(report))
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLES), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -62,24 +86,39 @@ def report() -> dict:
 def test_subprocess_has_four_devices_and_splits_the_batch(report: dict) -> None:
     assert report["devices"] == 4
     assert report["batch_shard_rows"] == [4, 4, 4, 4]
+    assert report["eval_chunk"] == [[256, 32, 32, 1], [64, 64, 64, 64]]
 
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])
 def test_sharded_run_equals_single_device_run(report: dict, api: str) -> None:
     result = report[api]
     assert result["num_devices"] == 4
-    assert result["replicated_on"] == [4]  # every parameter and statistic lives on all four devices
+    assert result["fully_replicated"]  # every parameter and statistic is whole on all four devices
     assert result["keys_equal"]
-    assert result["moved_from_init"] > 1e-3  # training changed the variables: the comparison means something
-    # float32: the all-reduced sums add in another order than one device's; 3 AdamW steps.
+    assert result["num_params"] > 0
+    # The optimizer moved the parameters (not just the statistics): the comparison means something.
+    assert result["params_moved_from_init"] > 1e-4
+    # float32: the all-reduced sums add in another order than one device's; 4 AdamW steps.
     assert result["max_abs_diff"] <= 1e-5 * max(1.0, result["max_abs_value"]), result
+    assert result["eval_accuracy_diff"] <= 2 / 512  # at most a borderline image or two may flip
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_sharded_resume_is_bitwise(report: dict, api: str) -> None:
+    result = report[api]
+    assert result["resumed_from"] == 2
+    assert result["resume_bitwise"]
+    assert result["resume_history_equal"]
 
 
 def test_batch_that_does_not_split_evenly_is_refused() -> None:
     config = TrainConfig(batch_size=6, eval_size=8)
     with pytest.raises(ConfigError, match=r"`batch_size` must be a multiple of the number of devices \(4\)"):
         config.check(num_devices=4)
-    with pytest.raises(ConfigError, match=r"`eval_size` must be a multiple of the number of devices \(3\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"`eval_size` must split into 1 chunk\(s\) .* devices \(3\): a multiple of 3, e\.g\. 6; got 8",
+    ):
         TrainConfig(batch_size=6, eval_size=8).check(num_devices=3)
 
 

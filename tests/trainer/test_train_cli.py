@@ -41,9 +41,15 @@ def test_nnx_run_writes_its_own_files(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--batch-size", "0"], "error: `batch_size` must be >= 1, got 0."),
-        (["--steps", "-5"], "error: `steps` must be >= 1, got -5."),
-        (["--resume"], "error: `resume` needs `ckpt_dir`: the directory to resume from."),
+        (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0."),
+        (["--steps", "-5"], "error: --steps must be >= 1, got -5."),
+        (["--resume"], "error: --resume needs `ckpt_dir`: the directory to resume from."),
+        (["--ckpt-every", "10"], "error: --ckpt-every needs `ckpt_dir`: without it nothing is saved."),
+        (
+            ["--eval-size", "1001"],
+            "error: --eval-size must split into 4 chunk(s) of at most 256 images, each divisible by the number of "
+            "devices (1): a multiple of 4, e.g. 1000; got 1001.",
+        ),
     ],
 )
 def test_bad_flags_exit_with_a_message(flags: list[str], message: str, tmp_path: Path) -> None:
