@@ -4,8 +4,10 @@ The block: gate = Flatten -> Linear(C*H*W, k) -> LeakyReLU; k branches Conv2d(3x
 BatchNorm2d -> LeakyReLU; output = sum_n gate[:, n] * branch_n(x). Competitors, all with the same weights
 (converted by hand from the seed's PyTorch model):
 
-- ``jdynconv``: ``jdynconv.linen.BranchMixConv`` (one fused conv, NHWC), and ``jdynconv remat`` with
-  ``remat=True`` (branch activations recomputed in the backward pass);
+- ``jdynconv``: ``jdynconv.linen.BranchMixConv`` with its defaults (``method="auto"``: on CPU the
+  branches over cache-sized chunks of the batch), ``jdynconv fused`` with ``method="fused"`` (one conv
+  over the whole batch, NHWC), and ``jdynconv remat`` with ``remat=True`` (a checkpointed scan over the
+  branches);
 - ``torch seed``: the seed's model as the seed writes it (ModuleList of Sequential(Conv2d, BatchNorm2d,
   LeakyReLU), stack, ``weights[:, :, None, None, None] * stacked``, ``sum(1)``) -- the reference;
 - ``torch fused``: one Conv2d with k*F outputs, one BatchNorm2d(k*F), LeakyReLU, the weighted sum as one
@@ -68,12 +70,13 @@ import jdynconv.linen
 
 MODES = ("fwd", "train")
 SUBJECT = "jdynconv"
+SUBJECT_FUSED = "jdynconv fused"
 SUBJECT_REMAT = "jdynconv remat"
 SEED_TORCH = "torch seed"
 FUSED_TORCH = "torch fused"
 NAIVE_JAX = "jax naive loop"
-COMPETITORS = (SUBJECT, SUBJECT_REMAT, SEED_TORCH, FUSED_TORCH, NAIVE_JAX)
-JAX_VARIANTS = (SUBJECT, SUBJECT_REMAT, NAIVE_JAX)
+COMPETITORS = (SUBJECT, SUBJECT_FUSED, SUBJECT_REMAT, SEED_TORCH, FUSED_TORCH, NAIVE_JAX)
+JAX_VARIANTS = (SUBJECT, SUBJECT_FUSED, SUBJECT_REMAT, NAIVE_JAX)
 TOLERANCE = 1e-4
 LEARNING_RATE = 1e-2
 STUDY_KS = (2, 8, 32)
@@ -198,6 +201,7 @@ def jax_model(variant: str, case: Case) -> nn.Module:
         num_branches=case.num_branches,
         padding=case.padding,
         remat=variant == SUBJECT_REMAT,
+        method="fused" if variant == SUBJECT_FUSED else "auto",
     )
 
 
@@ -424,6 +428,7 @@ def builders(torch_device: torch.device) -> dict[str, Builder]:
         SEED_TORCH: functools.partial(build_torch, SEED_TORCH, torch_device),
         FUSED_TORCH: functools.partial(build_torch, FUSED_TORCH, torch_device),
         SUBJECT: functools.partial(build_jax, SUBJECT),
+        SUBJECT_FUSED: functools.partial(build_jax, SUBJECT_FUSED),
         SUBJECT_REMAT: functools.partial(build_jax, SUBJECT_REMAT),
         NAIVE_JAX: functools.partial(build_jax, NAIVE_JAX),
     }
@@ -794,7 +799,12 @@ def plot_report(
 
     memory_ax, compile_ax = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
     # Distinct markers and dashes: equal values (e.g. temp memory with and without remat) overlap.
-    styles = {SUBJECT: ("o", "-", 9), SUBJECT_REMAT: ("s", "--", 6), NAIVE_JAX: ("^", ":", 5)}
+    styles = {
+        SUBJECT: ("o", "-", 9),
+        SUBJECT_FUSED: ("D", "-.", 7),
+        SUBJECT_REMAT: ("s", "--", 6),
+        NAIVE_JAX: ("^", ":", 5),
+    }
     for variant in JAX_VARIANTS:
         rows = sorted((row for row in study if row["variant"] == variant), key=lambda row: row["k"])
         ks = [row["k"] for row in rows]

@@ -21,6 +21,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.nnx.nn.dtypes import promote_dtype
 from jax import lax
 
@@ -31,6 +32,7 @@ Activation = Callable[[jax.Array], jax.Array]
 GateInput = Literal["flatten", "mean"]
 GATE_INPUTS: tuple[str, ...] = ("flatten", "mean")
 GATE_ACTIVATIONS: tuple[str, ...] = ("leaky_relu", "softmax", "sigmoid", "identity")
+METHODS: tuple[str, ...] = ("auto", "fused", "chunked")
 
 
 def leaky_relu(x: jax.Array) -> jax.Array:
@@ -102,6 +104,33 @@ def gate_activation(logits: jax.Array, activation: str | Activation, temperature
     return logits
 
 
+def _stats_dtype(dtype: Any) -> Any:
+    """Statistics in at least float32, as Flax's BatchNorm does, whatever the compute dtype."""
+    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
+
+
+def _running_update(
+    mean: jax.Array, var: jax.Array, batch_mean: jax.Array, batch_var: jax.Array, count: int, norm: NormConfig
+) -> tuple[jax.Array, jax.Array]:
+    """The new running ``(mean, var)`` after a training step over ``count`` values per channel."""
+    # PyTorch stores the unbiased variance in running_var (n / (n - 1)); Flax the biased one.
+    var_update = batch_var * (count / max(count - 1, 1)) if norm.unbiased_running_var else batch_var
+    new_mean = norm.momentum * mean + (1 - norm.momentum) * batch_mean.astype(mean.dtype)
+    new_var = norm.momentum * var + (1 - norm.momentum) * var_update.astype(var.dtype)
+    return new_mean, new_var
+
+
+def _normalise(
+    out: jax.Array, scale: jax.Array, offset: jax.Array, use_mean: jax.Array, use_var: jax.Array, epsilon: float
+) -> jax.Array:
+    """``(out - mean) / sqrt(var + eps) * scale + offset`` per channel, computed in the statistics dtype."""
+    stats_dtype = _stats_dtype(out.dtype)
+    inv_std = lax.rsqrt(use_var.astype(stats_dtype) + epsilon) * scale.astype(stats_dtype)
+    shift = offset.astype(stats_dtype) - use_mean.astype(stats_dtype) * inv_std
+    normalised = out.astype(stats_dtype) * _per_channel(inv_std, out.ndim) + _per_channel(shift, out.ndim)
+    return normalised.astype(out.dtype)
+
+
 def _batch_norm(
     out: jax.Array,
     scale: jax.Array,
@@ -116,26 +145,22 @@ def _batch_norm(
 
     Returns the normalised values and the new running ``(mean, var)`` (unchanged unless training).
     """
-    # Statistics in at least float32, as Flax's BatchNorm does, whatever the compute dtype.
-    stats_dtype = jnp.float32 if jnp.finfo(out.dtype).bits < 32 else out.dtype
-    values = out.astype(stats_dtype)
-    if training:
-        reduce_axes = tuple(range(out.ndim - 1))
-        batch_mean = jnp.mean(values, axis=reduce_axes)
-        batch_var = jnp.mean(jnp.square(values - _per_channel(batch_mean, out.ndim)), axis=reduce_axes)
-        count = out.size // out.shape[-1]
-        # PyTorch stores the unbiased variance in running_var (n / (n - 1)); Flax the biased one.
-        var_update = batch_var * (count / max(count - 1, 1)) if norm.unbiased_running_var else batch_var
-        new_mean = norm.momentum * mean + (1 - norm.momentum) * batch_mean.astype(mean.dtype)
-        new_var = norm.momentum * var + (1 - norm.momentum) * var_update.astype(var.dtype)
-        use_mean, use_var = batch_mean, batch_var
-    else:
-        new_mean, new_var = mean, var
-        use_mean, use_var = mean.astype(stats_dtype), var.astype(stats_dtype)
-    inv_std = lax.rsqrt(use_var + norm.epsilon) * scale.astype(stats_dtype)
-    shift = offset.astype(stats_dtype) - use_mean * inv_std
-    normalised = values * _per_channel(inv_std, out.ndim) + _per_channel(shift, out.ndim)
-    return normalised.astype(out.dtype), (new_mean, new_var)
+    if not training:
+        return _normalise(out, scale, offset, mean, var, norm.epsilon), (mean, var)
+    values = out.astype(_stats_dtype(out.dtype))
+    reduce_axes = tuple(range(out.ndim - 1))
+    batch_mean = jnp.mean(values, axis=reduce_axes)
+    batch_var = jnp.mean(jnp.square(values - _per_channel(batch_mean, out.ndim)), axis=reduce_axes)
+    new_stats = _running_update(mean, var, batch_mean, batch_var, out.size // out.shape[-1], norm)
+    return _normalise(out, scale, offset, batch_mean, batch_var, norm.epsilon), new_stats
+
+
+def _mix_branches(activated: jax.Array, gate_weights: jax.Array, k: int, groups: int) -> jax.Array:
+    """``(B, *out, G * k * F/G)`` fused channels -> ``(B, *out, F)``: the gate-weighted sum over k."""
+    features = activated.shape[-1] // k
+    split = activated.reshape(*activated.shape[:-1], groups, k, features // groups)
+    mixed = mix_outputs(split, gate_weights.astype(split.dtype), axis=split.ndim - 2)
+    return mixed.reshape(*mixed.shape[:-2], features)
 
 
 def branch_mix(
@@ -164,19 +189,105 @@ def branch_mix(
       ``(B, *out_spatial, F)`` and the new ``(mean, var)``.
     """
     groups = spec.feature_group_count
-    k, features = params.scale.shape
+    k = params.scale.shape[0]
     kernel = fused_kernel(params.kernel, groups)
     out = _lowerings.shared_conv(inputs, kernel, spec, groups)
     if params.bias is not None:
         out = out + _per_channel(_to_fused(params.bias, groups).astype(out.dtype), out.ndim)
     fused = [_to_fused(p, groups) for p in (params.scale, params.offset, mean, var)]
     normalised, (new_mean, new_var) = _batch_norm(out, *fused, training=training, norm=norm)
-    activated = activation(normalised)
-    # (B, *out, G * k * F/G) -> (B, *out, G, k, F/G): mix over k, then back to F channels.
-    split = activated.reshape(*activated.shape[:-1], groups, k, features // groups)
-    mixed = mix_outputs(split, gate_weights.astype(split.dtype), axis=split.ndim - 2)
-    stats = (_from_fused(new_mean, k, groups), _from_fused(new_var, k, groups))
-    return mixed.reshape(*mixed.shape[:-2], features), stats
+    mixed = _mix_branches(activation(normalised), gate_weights, k, groups)
+    return mixed, (_from_fused(new_mean, k, groups), _from_fused(new_var, k, groups))
+
+
+def _map_chunks(fn: Callable[..., Any], xs: tuple[jax.Array, ...], chunk: int) -> Any:
+    """``fn`` (batched: it takes ``(c, ...)`` arrays) over chunks of ``chunk`` samples of ``xs``, results
+    concatenated along the batch; a last, smaller chunk takes the remainder.
+
+    Not ``lax.map(..., batch_size=)``: that vmaps a per-sample function, whose size-1 batch axes put
+    XLA:CPU's fusions on a slow path (6x slower here).
+    """
+    batch = xs[0].shape[0]
+    full = batch // chunk * chunk
+    parts = []
+    if full:
+        chunked = lax.map(lambda args: fn(*args), tuple(x[:full].reshape(-1, chunk, *x.shape[1:]) for x in xs))
+        parts.append(jax.tree.map(lambda y: y.reshape(full, *y.shape[2:]), chunked))
+    if full < batch:
+        parts.append(fn(*(x[full:] for x in xs)))
+    return parts[0] if len(parts) == 1 else jax.tree.map(lambda *ys: jnp.concatenate(ys), *parts)
+
+
+def branch_mix_chunked(
+    inputs: jax.Array,
+    gate_weights: jax.Array,
+    params: BranchParams,
+    mean: jax.Array,
+    var: jax.Array,
+    *,
+    spec: _lowerings.ConvSpec,
+    training: bool,
+    norm: NormConfig,
+    activation: Activation,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """:func:`branch_mix` over chunks of the batch small enough to stay in cache.
+
+    The fused form writes the ``(B, *out, k * F)`` branch outputs to memory and reads them back for
+    the statistics, the normalisation and the mix: on a CPU that memory traffic, not the conv, is
+    most of the time. Here each chunk of about 2 MiB of branch outputs is computed, reduced and
+    discarded: one pass over the chunks for the batch statistics (per-sample moments, combined
+    exactly with Chan's formula), one for the output; both checkpointed, so the backward pass
+    recomputes the chunks instead of storing them. The conv runs twice (three times with the
+    backward pass), but from cache. Same maths and signature as :func:`branch_mix`.
+    """
+    groups = spec.feature_group_count
+    k, features = params.scale.shape
+    kernel = fused_kernel(params.kernel, groups)
+    bias = None if params.bias is None else _to_fused(params.bias, groups)
+    scale, offset, run_mean, run_var = (_to_fused(p, groups) for p in (params.scale, params.offset, mean, var))
+    out_spatial = _lowerings.output_spatial_shape(inputs.shape[1:-1], params.kernel.shape[1:-2], spec)
+    positions = int(np.prod(out_spatial))
+    stats_dtype = _stats_dtype(inputs.dtype)
+    chunk = _lowerings.chunk_size(inputs.shape[0], positions * k * features * jnp.dtype(stats_dtype).itemsize)
+    # At least 2 samples when there are 2: chunks of one sample differentiate into other primitives
+    # (size-1 axes), so the program would change with k (at the seed's shape, k = 32 -> 1 sample).
+    chunk = min(inputs.shape[0], max(chunk, 2))
+
+    def branch_outputs(x: jax.Array) -> jax.Array:
+        """The chunk's fused conv, ``(c, *out, k * F)``; its kernel gradient is a matmul (fast in a loop)."""
+        out = _lowerings.shared_conv_matmul_kernel_grad(x, kernel, spec, groups)
+        return out if bias is None else out + _per_channel(bias.astype(out.dtype), out.ndim)
+
+    if training:
+
+        @jax.checkpoint
+        def moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+            """Per-sample means ``(c, C)`` and sums of squared deviations from them ``(c, C)``."""
+            values = branch_outputs(x).astype(stats_dtype)
+            axes = tuple(range(1, values.ndim - 1))
+            sample_mean = jnp.mean(values, axis=axes)
+            deviation = values - sample_mean.reshape(x.shape[0], *([1] * (values.ndim - 2)), -1)
+            return sample_mean, jnp.sum(jnp.square(deviation), axis=axes)
+
+        sample_means, sample_m2 = _map_chunks(moments, (inputs,), chunk)
+        # Chan et al.: every sample has `positions` values per channel, so the batch mean is the mean of
+        # the sample means and the squared deviations add up with a between-sample term.
+        use_mean = jnp.mean(sample_means, axis=0)
+        spread = jnp.sum(jnp.square(sample_means - use_mean[None]), axis=0)
+        count = positions * inputs.shape[0]
+        use_var = (jnp.sum(sample_m2, axis=0) + positions * spread) / count
+        new_mean, new_var = _running_update(run_mean, run_var, use_mean, use_var, count, norm)
+    else:
+        use_mean, use_var = run_mean, run_var
+        new_mean, new_var = run_mean, run_var
+
+    @jax.checkpoint
+    def mixed_output(x: jax.Array, weights: jax.Array) -> jax.Array:
+        normalised = _normalise(branch_outputs(x), scale, offset, use_mean, use_var, norm.epsilon)
+        return _mix_branches(activation(normalised), weights, k, groups)
+
+    mixed = _map_chunks(mixed_output, (inputs, gate_weights), chunk)
+    return mixed, (_from_fused(new_mean, k, groups), _from_fused(new_var, k, groups))
 
 
 def branch_mix_rematerialised(
@@ -224,7 +335,15 @@ def check_gate_weights(gate_weights: Any, batch: int, k: int) -> None:
         raise ValueError(f"`gate_weights` must have shape ({batch}, {k}) (batch, num_branches), got shape {shape}.")
 
 
-def check_config(features: int, num_branches: int, feature_group_count: int, gate_input: str, gate_act: Any) -> None:
+def check_config(
+    features: int,
+    num_branches: int,
+    feature_group_count: int,
+    gate_input: str,
+    gate_act: Any,
+    method: str = "auto",
+    remat: bool = False,
+) -> None:
     """Module attributes that are wrong whatever the input."""
     for name, value in (
         ("features", features),
@@ -241,6 +360,13 @@ def check_config(features: int, num_branches: int, feature_group_count: int, gat
         raise ValueError(f"`gate_input` must be one of {GATE_INPUTS}, got {gate_input!r}.")
     if not callable(gate_act) and gate_act not in GATE_ACTIVATIONS:
         raise ValueError(f"`gate_activation` must be one of {GATE_ACTIVATIONS} or a callable, got {gate_act!r}.")
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    if remat and method != "auto":
+        raise ValueError(
+            f'`remat=True` runs its own lowering (a checkpointed scan over the branches): leave `method` at "auto", '
+            f"got {method!r}."
+        )
 
 
 def check_gate_size(got: int, expected: int, inputs_shape: tuple[int, ...]) -> None:
@@ -277,6 +403,18 @@ class BlockConfig:
     remat: bool
     dtype: Any
     precision: Any
+    method: str = "auto"
+
+
+def choose_method(method: str, remat: bool, backend: str) -> Callable[..., Any]:
+    """The lowering of the branches. ``"auto"``: ``remat=True`` -> the scan over branches; else on CPU
+    ``"chunked"`` (the fused form is memory-bound there: 3x slower to train, 5x in eval, at the seed's
+    shape), elsewhere ``"fused"`` (one large conv suits an accelerator; unmeasured, no GPU yet)."""
+    if remat:
+        return branch_mix_rematerialised
+    if method == "auto":
+        method = "chunked" if backend == "cpu" else "fused"
+    return branch_mix_chunked if method == "chunked" else branch_mix
 
 
 def apply_block(
@@ -313,7 +451,7 @@ def apply_block(
         precision=config.precision,
     )
     forward = functools.partial(
-        branch_mix_rematerialised if config.remat else branch_mix,
+        choose_method(config.method, config.remat, jax.default_backend()),
         spec=spec,
         training=training,
         norm=NormConfig(config.momentum, config.epsilon, config.unbiased_running_var),

@@ -166,14 +166,17 @@ def conv_im2col(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Ar
 _CHUNK_BYTES = 2 * 1024 * 1024
 
 
+def chunk_size(batch: int, bytes_per_sample: int) -> int:
+    """How many samples make a chunk of about ``_CHUNK_BYTES`` of intermediates (at least 1)."""
+    return int(max(1, min(batch, _CHUNK_BYTES // max(bytes_per_sample, 1))))
+
+
 def im2col_chunk_size(
     inputs_shape: tuple[int, ...], kernels_shape: tuple[int, ...], out_size: int, itemsize: int
 ) -> int:
     """How many samples of the batch ``conv_im2col_chunked`` processes at once."""
-    batch = inputs_shape[0]
     taps = int(np.prod(kernels_shape[1:-2]))
-    patch_bytes_per_sample = out_size * taps * inputs_shape[-1] * itemsize
-    return int(max(1, min(batch, _CHUNK_BYTES // max(patch_bytes_per_sample, 1))))
+    return chunk_size(inputs_shape[0], out_size * taps * inputs_shape[-1] * itemsize)
 
 
 def conv_im2col_chunked(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:

@@ -63,7 +63,11 @@ class BranchMixConv(nn.Module):
       gate_activation: ``"leaky_relu"`` (seed), ``"softmax"`` (with the call's ``temperature``),
         ``"sigmoid"``, ``"identity"`` or a callable on the ``(B, k)`` logits.
       branch_activation: applied after each BatchNorm.
-      remat: recompute the branch activations in the backward pass (training memory flat in k).
+      remat: recompute the branch activations in the backward pass, one branch at a time (a checkpointed
+        scan over the branches: training memory flat in k).
+      method: ``"fused"`` (one conv over the whole batch), ``"chunked"`` (the same over cache-sized
+        chunks of the batch, recomputed in the backward pass) or ``"auto"`` (chunked on CPU, fused
+        elsewhere); all compute the same function.
       dtype, param_dtype, precision, kernel_init, bias_init: as ``flax.linen.Conv``.
       gate_kernel_init, gate_bias_init, scale_init, offset_init: the gate Dense's and BatchNorm's.
     """
@@ -84,6 +88,7 @@ class BranchMixConv(nn.Module):
     gate_activation: str | Callable[[jax.Array], jax.Array] = "leaky_relu"
     branch_activation: Callable[[jax.Array], jax.Array] = _branch_mix.leaky_relu
     remat: bool = False
+    method: str = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: Any = None
@@ -115,7 +120,13 @@ class BranchMixConv(nn.Module):
           ``(B, *out_spatial, features)``.
         """
         _branch_mix.check_config(
-            self.features, self.num_branches, self.feature_group_count, self.gate_input, self.gate_activation
+            self.features,
+            self.num_branches,
+            self.feature_group_count,
+            self.gate_input,
+            self.gate_activation,
+            self.method,
+            self.remat,
         )
         inputs = jnp.asarray(inputs)
         _checks.check_layer_inputs(inputs, None, self.feature_group_count)
@@ -180,6 +191,7 @@ class BranchMixConv(nn.Module):
             remat=self.remat,
             dtype=self.dtype,
             precision=self.precision,
+            method=self.method,
         )
 
 

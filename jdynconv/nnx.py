@@ -50,6 +50,7 @@ class BranchMixConv(nnx.Module):
         gate_activation: str | Callable[[jax.Array], jax.Array] = "leaky_relu",
         branch_activation: Callable[[jax.Array], jax.Array] = _branch_mix.leaky_relu,
         remat: bool = False,
+        method: str = "auto",
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         precision: Any = None,
@@ -61,7 +62,9 @@ class BranchMixConv(nnx.Module):
         offset_init: Initializer = zeros,
         rngs: nnx.Rngs,
     ) -> None:
-        _branch_mix.check_config(features, num_branches, feature_group_count, gate_input, gate_activation)
+        _branch_mix.check_config(
+            features, num_branches, feature_group_count, gate_input, gate_activation, method, remat
+        )
         if not _checks.is_int(in_features) or in_features < 1 or in_features % feature_group_count:
             raise ValueError(
                 f"`in_features` must be a positive int divisible by `feature_group_count` (={feature_group_count}), "
@@ -104,6 +107,7 @@ class BranchMixConv(nnx.Module):
             remat=remat,
             dtype=dtype,
             precision=precision,
+            method=method,
         )
         k = num_branches
         gate_dim = in_features * math.prod(input_shape) if gate_input == "flatten" else in_features

@@ -151,6 +151,7 @@ def test_branch_mix_ratios_from_medians() -> None:
             expected = [
                 median(results, "jdynconv") / seed,
                 median(results, "jdynconv") / fused,
+                median(results, "jdynconv fused") / seed,
                 median(results, "jdynconv remat") / seed,
                 median(results, "jax naive loop") / seed,
             ]
@@ -162,12 +163,12 @@ def test_branch_mix_study_table() -> None:
     device, payload = load("branch_mix")
     text = section(committed_summary(), "branch_mix", device)
     ks = sorted({row["k"] for row in payload["study"]})
-    header = row_starting(text, "training step: jdynconv / remat / naive loop")
+    header = row_starting(text, "training step: jdynconv / method=fused / remat / naive loop")
     assert header[1:] == [f"k = {k}" for k in ks]
     equations = row_starting(text, "jaxpr equations (nested)")
     for column, k in enumerate(ks, 1):
         by_variant = {row["variant"]: row["jaxpr_equations"] for row in payload["study"] if row["k"] == k}
-        variants = ("jdynconv", "jdynconv remat", "jax naive loop")
+        variants = ("jdynconv", "jdynconv fused", "jdynconv remat", "jax naive loop")
         assert equations[column] == " / ".join(str(by_variant[v]) for v in variants)
 
 
@@ -235,6 +236,7 @@ def test_gpu_quick_run_without_study_or_plot(tmp_path: Path) -> None:
         "torch seed": ok(10.0),
         "torch fused": ok(5.0),
         "jdynconv": ok(4.0),
+        "jdynconv fused": ok(6.0),
         "jdynconv remat": {"status": "wrong", "note": "wrong (rel. error 1e-2)"},
         "jax naive loop": ok(20.0),
     }
@@ -244,7 +246,7 @@ def test_gpu_quick_run_without_study_or_plot(tmp_path: Path) -> None:
     assert "### BranchMixConv: jdynconv vs the seed's PyTorch model (gpu)" in text
     assert "GPU NVIDIA H200, host CPU Some CPU (16 logical cores)" in text
     assert "quick smoke run" in text
-    assert row_starting(text, "8", "fwd (eval)")[2:] == ["0.40x", "0.80x", "wrong", "2.00x"]
+    assert row_starting(text, "8", "fwd (eval)")[2:] == ["0.40x", "0.80x", "0.60x", "wrong", "2.00x"]
     assert "jaxpr equations" not in text  # no study table without a study
     assert "](branch_mix_gpu.md)" not in text  # no links to files that are not there
 

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from jdynconv import _lowerings
 from jdynconv.linen import BranchMixConv
 from tests import reference
 from tests.helpers import assert_close
@@ -51,14 +52,20 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("remat", [False, True])
+# Every lowering of the branches: one conv over the batch, cache-sized chunks of the batch, a scan
+# over the branches.
+LOWERINGS = [{"method": "fused"}, {"method": "chunked"}, {"remat": True}]
+LOWERING_IDS = ["fused", "chunked", "remat"]
+
+
+@pytest.mark.parametrize("lowering", LOWERINGS, ids=LOWERING_IDS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize(("spatial", "in_features", "attributes", "geometry"), CONFIGS)
 def test_matches_branch_by_branch_reference(
-    spatial, in_features, attributes, geometry, training: bool, remat: bool
+    spatial, in_features, attributes, geometry, training: bool, lowering: dict
 ) -> None:
     x = np.random.default_rng(0).standard_normal((5, *spatial, in_features)).astype(np.float32)
-    module = BranchMixConv(**attributes, remat=remat)
+    module = BranchMixConv(**attributes, **lowering)
     variables = _randomise(module.init(jax.random.key(0), x, use_running_average=True), seed=1)
     out, updates = jax.jit(lambda v, x: module.apply(v, x, use_running_average=not training, mutable=["batch_stats"]))(
         variables, x
@@ -181,42 +188,43 @@ def _count_equations(jaxpr: jax.extend.core.Jaxpr) -> int:
     return count
 
 
-def _step_program(k: int, remat: bool = False):
+def _step_program(k: int, **lowering: Any):
     x = jnp.ones((8, 16, 16, 3))
-    module = BranchMixConv(features=8, kernel_size=3, num_branches=k, remat=remat)
+    module = BranchMixConv(features=8, kernel_size=3, num_branches=k, **lowering)
     variables = module.init(jax.random.key(0), x, use_running_average=False)
     tx, step = _train_step(module)
     args = (variables["params"], variables["batch_stats"], tx.init(variables["params"]), x)
     return step, args
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_training_step_program_size_is_flat_in_k(remat: bool) -> None:
+@pytest.mark.parametrize("lowering", LOWERINGS, ids=LOWERING_IDS)
+def test_training_step_program_size_is_flat_in_k(lowering: dict) -> None:
     sizes = {
         k: _count_equations(jax.make_jaxpr(step)(*args).jaxpr)
         for k in (2, 32)
-        for step, args in [_step_program(k, remat)]
+        for step, args in [_step_program(k, **lowering)]
     }
     assert sizes[2] == sizes[32], sizes
 
 
 def test_remat_keeps_training_memory_flat_in_k() -> None:
-    def temp_bytes(k: int, remat: bool) -> int:
-        step, args = _step_program(k, remat)
+    def temp_bytes(k: int, **lowering: Any) -> int:
+        step, args = _step_program(k, **lowering)
         return jax.jit(step).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
-    with_remat = {k: temp_bytes(k, True) for k in (2, 32)}
+    with_remat = {k: temp_bytes(k, remat=True) for k in (2, 32)}
     assert with_remat[32] <= 2 * with_remat[2], with_remat
-    # And the check can fail: without remat the k branch activations are kept for the backward pass.
-    without = {k: temp_bytes(k, False) for k in (2, 32)}
+    # And the check can fail: the fused form keeps the k branch activations for the backward pass.
+    without = {k: temp_bytes(k, method="fused") for k in (2, 32)}
     assert without[32] > 2 * without[2], without
 
 
-def test_remat_gradients_equal_fused_gradients() -> None:
+@pytest.mark.parametrize("lowering", LOWERINGS[1:], ids=LOWERING_IDS[1:])
+def test_lowerings_give_the_fused_gradients(lowering: dict) -> None:
     x = jnp.asarray(np.random.default_rng(10).standard_normal((4, 6, 6, 2)), jnp.float32)
     grads = {}
-    for remat in (False, True):
-        module = BranchMixConv(4, 3, 3, feature_group_count=2, remat=remat)
+    for name, attributes in (("fused", {"method": "fused"}), ("other", lowering)):
+        module = BranchMixConv(4, 3, 3, feature_group_count=2, **attributes)
         variables = _randomise(module.init(jax.random.key(0), x, use_running_average=False), seed=11)
 
         def loss(params, x, module=module, variables=variables):
@@ -228,9 +236,41 @@ def test_remat_gradients_equal_fused_gradients() -> None:
             )
             return jnp.sum(jnp.sin(out))
 
-        grads[remat] = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
-    for (path, fused), remat in zip(jax.tree.leaves_with_path(grads[False]), jax.tree.leaves(grads[True]), strict=True):
-        assert_close(remat, fused, 1e-5, jax.tree_util.keystr(path))
+        grads[name] = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
+    params_scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads["fused"][0]))
+    for (path, fused), other in zip(
+        jax.tree.leaves_with_path(grads["fused"]), jax.tree.leaves(grads["other"]), strict=True
+    ):
+        name = jax.tree_util.keystr(path)
+        if name == "[0]['bias']":
+            # BatchNorm subtracts the batch mean, so the conv bias's gradient is zero up to rounding, in
+            # both: compare with the size of the other parameters' gradients.
+            assert float(jnp.max(jnp.abs(other))) <= 1e-5 * params_scale, name
+            assert float(jnp.max(jnp.abs(fused))) <= 1e-5 * params_scale, name
+        else:
+            assert_close(other, fused, 1e-5, name)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_chunked_with_a_partial_last_chunk(monkeypatch: pytest.MonkeyPatch, training: bool) -> None:
+    """Chunks of 2 samples over a batch of 5 (the last chunk is a single sample): the batch statistics
+    and the output are still the whole batch's."""
+    spatial, in_features, attributes, geometry = CONFIGS[0]
+    x = np.random.default_rng(3).standard_normal((5, *spatial, in_features)).astype(np.float32)
+    module = BranchMixConv(**attributes, method="chunked")
+    variables = _randomise(module.init(jax.random.key(0), x, use_running_average=True), seed=4)
+    per_sample = int(np.prod(spatial)) * attributes["num_branches"] * attributes["features"] * 4
+    monkeypatch.setattr(_lowerings, "_CHUNK_BYTES", 2 * per_sample)
+    assert _lowerings.chunk_size(5, per_sample) == 2
+    out, updates = module.apply(variables, x, use_running_average=not training, mutable=["batch_stats"])
+    stats = variables["batch_stats"]
+    expected, batch_mean, batch_var = reference.branch_mix(
+        x, _numpy_params(variables), np.asarray(stats["mean"]), np.asarray(stats["var"]), geometry, training=training
+    )
+    assert_close(out, expected, RTOL, "output")
+    if training:
+        assert_close(updates["batch_stats"]["mean"], 0.9 * stats["mean"] + 0.1 * batch_mean, RTOL, "mean")
+        assert_close(updates["batch_stats"]["var"], 0.9 * stats["var"] + 0.1 * batch_var, RTOL, "var")
 
 
 def test_training_steps_reduce_the_loss_under_jit() -> None:
@@ -281,6 +321,20 @@ def test_use_running_average_attribute_or_call_argument() -> None:
             {},
             ValueError,
             ["`num_branches` must be a positive int, got 0"],
+        ),
+        (
+            BranchMixConv(2, 3, 2, method="loop"),
+            np.ones((2, 4, 4, 1), np.float32),
+            {},
+            ValueError,
+            ["`method` must be one of ('auto', 'fused', 'chunked'), got 'loop'"],
+        ),
+        (
+            BranchMixConv(2, 3, 2, remat=True, method="fused"),
+            np.ones((2, 4, 4, 1), np.float32),
+            {},
+            ValueError,
+            ["`remat=True` runs its own lowering", "leave `method` at \"auto\", got 'fused'"],
         ),
         (
             BranchMixConv(3, 3, 2, feature_group_count=2),
