@@ -240,6 +240,10 @@ def branch_mix_chunked(
     recomputes the chunks instead of storing them. The conv runs twice (three times with the
     backward pass), but from cache. Same maths and signature as :func:`branch_mix`.
     """
+    if inputs.shape[0] == 0:  # nothing to chunk (and no statistics to take)
+        return branch_mix(
+            inputs, gate_weights, params, mean, var, spec=spec, training=training, norm=norm, activation=activation
+        )
     groups = spec.feature_group_count
     k, features = params.scale.shape
     kernel = fused_kernel(params.kernel, groups)

@@ -251,6 +251,14 @@ def test_lowerings_give_the_fused_gradients(lowering: dict) -> None:
             assert_close(other, fused, 1e-5, name)
 
 
+@pytest.mark.parametrize("lowering", LOWERINGS, ids=LOWERING_IDS)
+def test_empty_batch_in_eval_mode(lowering: dict) -> None:
+    module = BranchMixConv(4, 3, 2, gate_input="mean", **lowering)
+    variables = module.init(jax.random.key(0), jnp.ones((2, 6, 6, 2)), use_running_average=True)
+    out = module.apply(variables, jnp.ones((0, 6, 6, 2)), use_running_average=True)
+    assert out.shape == (0, 6, 6, 4)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_chunked_with_a_partial_last_chunk(monkeypatch: pytest.MonkeyPatch, training: bool) -> None:
     """Chunks of 2 samples over a batch of 5 (the last chunk is a single sample): the batch statistics
