@@ -238,28 +238,38 @@ def branch_mix_chunked(
     discarded: one pass over the chunks for the batch statistics (per-sample moments, combined
     exactly with Chan's formula), one for the output; both checkpointed, so the backward pass
     recomputes the chunks instead of storing them. The conv runs twice (three times with the
-    backward pass), but from cache. Same maths and signature as :func:`branch_mix`.
+    backward pass), but from cache. When one chunk would hold the whole batch this is
+    :func:`branch_mix` itself. Same maths and signature as :func:`branch_mix`.
     """
-    if inputs.shape[0] == 0:  # nothing to chunk (and no statistics to take)
-        return branch_mix(
-            inputs, gate_weights, params, mean, var, spec=spec, training=training, norm=norm, activation=activation
-        )
     groups = spec.feature_group_count
     k, features = params.scale.shape
-    kernel = fused_kernel(params.kernel, groups)
-    bias = None if params.bias is None else _to_fused(params.bias, groups)
-    scale, offset, run_mean, run_var = (_to_fused(p, groups) for p in (params.scale, params.offset, mean, var))
+    batch = inputs.shape[0]
     out_spatial = _lowerings.output_spatial_shape(inputs.shape[1:-1], params.kernel.shape[1:-2], spec)
     positions = int(np.prod(out_spatial))
     stats_dtype = _stats_dtype(inputs.dtype)
-    chunk = _lowerings.chunk_size(inputs.shape[0], positions * k * features * jnp.dtype(stats_dtype).itemsize)
+    # A chunk holds its branch outputs and, for the kernel gradient, its im2col patches: size it by the
+    # larger (many input channels and few outputs make the patches the larger).
+    outputs_bytes = positions * k * features * jnp.dtype(stats_dtype).itemsize
+    patch_bytes = positions * int(np.prod(params.kernel.shape[1:-2])) * inputs.shape[-1] * inputs.dtype.itemsize
+    chunk = _lowerings.chunk_size(batch, max(outputs_bytes, patch_bytes))
     # At least 2 samples when there are 2: chunks of one sample differentiate into other primitives
     # (size-1 axes), so the program would change with k (at the seed's shape, k = 32 -> 1 sample).
-    chunk = min(inputs.shape[0], max(chunk, 2))
+    chunk = min(batch, max(chunk, 2))
+    if chunk >= batch:
+        # One chunk (or an empty batch): no cache to gain, only recomputation; the fused form is faster.
+        return branch_mix(
+            inputs, gate_weights, params, mean, var, spec=spec, training=training, norm=norm, activation=activation
+        )
+    # Parameters enter the chunk loops in the statistics dtype (float32 for bfloat16/float16) and are cast
+    # inside, so their gradients add up across chunks in float32, as the fused form's one reduction does.
+    kernel = fused_kernel(params.kernel, groups).astype(stats_dtype)
+    bias = None if params.bias is None else _to_fused(params.bias, groups).astype(stats_dtype)
+    scale, offset = (_to_fused(p, groups).astype(stats_dtype) for p in (params.scale, params.offset))
+    run_mean, run_var = (_to_fused(p, groups) for p in (mean, var))
 
     def branch_outputs(x: jax.Array) -> jax.Array:
         """The chunk's fused conv, ``(c, *out, k * F)``; its kernel gradient is a matmul (fast in a loop)."""
-        out = _lowerings.shared_conv_matmul_kernel_grad(x, kernel, spec, groups)
+        out = _lowerings.shared_conv_matmul_kernel_grad(x, kernel.astype(x.dtype), spec, groups)
         return out if bias is None else out + _per_channel(bias.astype(out.dtype), out.ndim)
 
     if training:
@@ -443,6 +453,11 @@ def apply_block(
         gate_weights = gate_activation(logits, config.gate_activation, temperature)
     else:
         check_gate_weights(gate_weights, inputs.shape[0], config.num_branches)
+    if training and inputs.shape[0] == 0:
+        raise ValueError(
+            "`inputs` must hold at least one sample in training mode (BatchNorm's batch statistics of an empty "
+            f"batch are undefined), got shape {tuple(inputs.shape)}."
+        )
     inputs, *promoted = promote_dtype((inputs, *params), dtype=config.dtype)
     spec = conv_spec(
         inputs.shape[1:-1],

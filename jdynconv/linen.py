@@ -64,7 +64,7 @@ class BranchMixConv(nn.Module):
         ``"sigmoid"``, ``"identity"`` or a callable on the ``(B, k)`` logits.
       branch_activation: applied after each BatchNorm.
       remat: recompute the branch activations in the backward pass, one branch at a time (a checkpointed
-        scan over the branches: training memory flat in k).
+        scan over the branches: training memory flat in k). Its own lowering: needs ``method="auto"``.
       method: ``"fused"`` (one conv over the whole batch), ``"chunked"`` (the same over cache-sized
         chunks of the batch, recomputed in the backward pass) or ``"auto"`` (chunked on CPU, fused
         elsewhere); all compute the same function.

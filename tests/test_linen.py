@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from jdynconv import _lowerings
+from jdynconv import _branch_mix, _lowerings
 from jdynconv.linen import BranchMixConv
 from tests import reference
 from tests.helpers import assert_close
@@ -219,9 +219,16 @@ def test_remat_keeps_training_memory_flat_in_k() -> None:
     assert without[32] > 2 * without[2], without
 
 
+def _force_chunks_of_two(monkeypatch: pytest.MonkeyPatch, bytes_per_sample: int) -> None:
+    """Make ``method="chunked"`` split a small test batch into chunks of 2 samples."""
+    monkeypatch.setattr(_lowerings, "_CHUNK_BYTES", 2 * bytes_per_sample)
+
+
 @pytest.mark.parametrize("lowering", LOWERINGS[1:], ids=LOWERING_IDS[1:])
-def test_lowerings_give_the_fused_gradients(lowering: dict) -> None:
-    x = jnp.asarray(np.random.default_rng(10).standard_normal((4, 6, 6, 2)), jnp.float32)
+def test_lowerings_give_the_fused_gradients(lowering: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 5 samples in chunks of 2, 2 and 1: gradients summed across chunks and a partial last chunk.
+    x = jnp.asarray(np.random.default_rng(10).standard_normal((5, 6, 6, 2)), jnp.float32)
+    _force_chunks_of_two(monkeypatch, 36 * 9 * 2 * 4)  # the im2col patches are the larger here
     grads = {}
     for name, attributes in (("fused", {"method": "fused"}), ("other", lowering)):
         module = BranchMixConv(4, 3, 3, feature_group_count=2, **attributes)
@@ -251,6 +258,94 @@ def test_lowerings_give_the_fused_gradients(lowering: dict) -> None:
             assert_close(other, fused, 1e-5, name)
 
 
+def test_bfloat16_training_gradients_chunked_match_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16 compute: the chunked gradients add up across chunks in float32, as the fused ones do,
+    so both stay as close to the float32 gradients."""
+    x = jnp.asarray(np.random.default_rng(12).standard_normal((8, 6, 6, 3)), jnp.float32)
+    _force_chunks_of_two(monkeypatch, 36 * 4 * 8 * 4)
+    grads = {}
+    for name, attributes in (
+        ("float32", {"method": "fused"}),
+        ("fused", {"method": "fused", "dtype": jnp.bfloat16}),
+        ("chunked", {"method": "chunked", "dtype": jnp.bfloat16}),
+    ):
+        module = BranchMixConv(8, 3, 4, use_bias=False, **attributes)
+        variables = _randomise(module.init(jax.random.key(0), x, use_running_average=False), seed=13)
+
+        def loss(params, module=module, variables=variables):
+            out, _ = module.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                x,
+                use_running_average=False,
+                mutable=["batch_stats"],
+            )
+            return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+
+        grads[name] = jax.grad(loss)(variables["params"])
+    for path, exact in jax.tree.leaves_with_path(grads["float32"]):
+        name = jax.tree_util.keystr(path)
+        scale = float(jnp.max(jnp.abs(exact)))
+        fused_error = float(jnp.max(jnp.abs(_leaf(grads["fused"], path) - exact)))
+        chunked_error = float(jnp.max(jnp.abs(_leaf(grads["chunked"], path) - exact)))
+        assert fused_error <= 1e-1 * scale, name  # bfloat16 has 8 bits of mantissa
+        assert chunked_error <= max(1.5 * fused_error, 4e-3 * scale), (name, chunked_error, fused_error)
+
+
+def _scan_carries(jaxpr: jax.extend.core.Jaxpr) -> list[Any]:
+    """The avals of every ``scan``'s loop carry in ``jaxpr``, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            start = eqn.params["num_consts"]
+            found += [var.aval for var in eqn.invars[start : start + eqn.params["num_carry"]]]
+        for inner in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _scan_carries(inner)
+    return found
+
+
+def test_bfloat16_chunked_gradients_accumulate_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward loop over chunks carries the parameter gradients in float32 (bfloat16 sums over
+    hundreds of chunks lost ~2x accuracy against the fused form's single reduction)."""
+    x = jnp.ones((8, 6, 6, 3), jnp.float32)
+    _force_chunks_of_two(monkeypatch, 36 * 4 * 8 * 4)
+    module = BranchMixConv(8, 3, 4, method="chunked", dtype=jnp.bfloat16)
+    variables = module.init(jax.random.key(0), x, use_running_average=False)
+
+    def loss(params):
+        out, _ = module.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            use_running_average=False,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(out.astype(jnp.float32))
+
+    carries = _scan_carries(jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr)
+    assert any(aval.shape == (3, 3, 3, 32) for aval in carries), carries  # the kernel gradient is carried
+    assert all(aval.dtype == jnp.float32 for aval in carries), carries
+
+
+def _leaf(tree: Any, path: Any) -> jax.Array:
+    return next(leaf for p, leaf in jax.tree.leaves_with_path(tree) if p == path).astype(jnp.float32)
+
+
+def test_choose_method() -> None:
+    assert _branch_mix.choose_method("auto", False, "cpu") is _branch_mix.branch_mix_chunked
+    assert _branch_mix.choose_method("auto", False, "gpu") is _branch_mix.branch_mix
+    assert _branch_mix.choose_method("auto", False, "tpu") is _branch_mix.branch_mix
+    assert _branch_mix.choose_method("fused", False, "cpu") is _branch_mix.branch_mix
+    assert _branch_mix.choose_method("chunked", False, "gpu") is _branch_mix.branch_mix_chunked
+    assert _branch_mix.choose_method("auto", True, "cpu") is _branch_mix.branch_mix_rematerialised
+
+
+@pytest.mark.parametrize("lowering", LOWERINGS, ids=LOWERING_IDS)
+def test_empty_batch_in_training_is_refused(lowering: dict) -> None:
+    module = BranchMixConv(4, 3, 2, gate_input="mean", **lowering)
+    variables = module.init(jax.random.key(0), jnp.ones((2, 6, 6, 2)), use_running_average=True)
+    with pytest.raises(ValueError, match=r"at least one sample in training mode .* got shape \(0, 6, 6, 2\)"):
+        module.apply(variables, jnp.ones((0, 6, 6, 2)), use_running_average=False, mutable=["batch_stats"])
+
+
 @pytest.mark.parametrize("lowering", LOWERINGS, ids=LOWERING_IDS)
 def test_empty_batch_in_eval_mode(lowering: dict) -> None:
     module = BranchMixConv(4, 3, 2, gate_input="mean", **lowering)
@@ -268,7 +363,7 @@ def test_chunked_with_a_partial_last_chunk(monkeypatch: pytest.MonkeyPatch, trai
     module = BranchMixConv(**attributes, method="chunked")
     variables = _randomise(module.init(jax.random.key(0), x, use_running_average=True), seed=4)
     per_sample = int(np.prod(spatial)) * attributes["num_branches"] * attributes["features"] * 4
-    monkeypatch.setattr(_lowerings, "_CHUNK_BYTES", 2 * per_sample)
+    _force_chunks_of_two(monkeypatch, per_sample)  # branch outputs (36 * 12) outweigh the patches (36 * 27)
     assert _lowerings.chunk_size(5, per_sample) == 2
     out, updates = module.apply(variables, x, use_running_average=not training, mutable=["batch_stats"])
     stats = variables["batch_stats"]

@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from jdynconv import _lowerings
 from jdynconv import linen as jl
 from jdynconv import nnx as jn
 
@@ -100,6 +101,19 @@ def test_nnx_training_step_with_optimizer_under_nnx_jit() -> None:
     assert not np.array_equal(before, model.mean[...])
 
 
+def test_nnx_chunked_equals_linen_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``method`` reaches the NNX lowering: chunks of 2 over a batch of 5 give the fused values."""
+    attributes = {"features": 4, "kernel_size": 3, "num_branches": 3}
+    x = np.random.default_rng(4).standard_normal((5, 6, 6, 2)).astype(np.float32)
+    _, variables, nnx_module = _linen_and_nnx({**attributes, "method": "chunked"}, x, input_shape=(6, 6))
+    monkeypatch.setattr(_lowerings, "_CHUNK_BYTES", 2 * 36 * 9 * 2 * 4)  # two samples' im2col patches
+    fused = jl.BranchMixConv(**attributes, method="fused")
+    expected, updates = fused.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    nnx_module.train()
+    np.testing.assert_allclose(nnx_module(x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(nnx_module.var[...], updates["batch_stats"]["var"], rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "fragments"),
     [
@@ -113,6 +127,8 @@ def test_nnx_training_step_with_optimizer_under_nnx_jit() -> None:
         ),
         ((3, 4, (3, 3), 2), {"input_shape": (8, 8, 8, 8)}, ["`input_shape` must have 1 to 3 spatial dims"]),
         ((3, 4, (3,), 2), {"input_shape": (6, 6)}, ["`kernel_size` must have one entry per spatial dimension (2)"]),
+        ((3, 4, (3, 3), 2), {"input_shape": (8, 8), "method": "loop"}, ["`method` must be one of"]),
+        ((3, 4, (3, 3), 2), {"input_shape": (8, 8), "method": "fused", "remat": True}, ["`remat=True` runs its own"]),
     ],
 )
 def test_constructor_errors(args: tuple, kwargs: dict, fragments: list[str]) -> None:
