@@ -34,6 +34,13 @@ def finished_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     return ckpt_dir, run(small_config(ckpt_dir, request.param))
 
 
+def copy_of(ckpt_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the module's finished run to damage or resume without touching the original."""
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt_dir, copy)
+    return copy
+
+
 def step_dirs(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in ckpt_dir.iterdir() if p.name.isdigit())
 
@@ -46,8 +53,7 @@ def test_checkpoints_are_saved_every_n_steps(finished_run: tuple[Path, FitResult
 def test_resume_reproduces_the_uninterrupted_run_bitwise(finished_run: tuple[Path, FitResult], tmp_path: Path) -> None:
     """Drop the step-6 checkpoint (as if the run died after step 3), resume, compare every array."""
     ckpt_dir, uninterrupted = finished_run
-    interrupted = tmp_path / "ckpt"
-    shutil.copytree(ckpt_dir, interrupted)
+    interrupted = copy_of(ckpt_dir, tmp_path)
     shutil.rmtree(interrupted / "6")
     api = uninterrupted_api(uninterrupted)
     resumed = run(small_config(interrupted, api, resume=True))
@@ -62,8 +68,7 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(finished_run: tuple[Pat
 
 def test_resume_of_a_finished_run_trains_nothing(finished_run: tuple[Path, FitResult], tmp_path: Path) -> None:
     ckpt_dir, uninterrupted = finished_run
-    copy = tmp_path / "ckpt"
-    shutil.copytree(ckpt_dir, copy)
+    copy = copy_of(ckpt_dir, tmp_path)
     resumed = run(small_config(copy, uninterrupted_api(uninterrupted), resume=True))
     assert resumed.start_step == 6
     expected, actual = leaves(uninterrupted.trainer.state()), leaves(resumed.trainer.state())
@@ -76,8 +81,7 @@ def test_resume_at_the_last_step_between_evaluations_evaluates(
 ) -> None:
     """--steps 3 from the step-3 checkpoint of a run that evaluates every 6: nothing to train, one eval."""
     ckpt_dir, uninterrupted = finished_run
-    copy = tmp_path / "ckpt"
-    shutil.copytree(ckpt_dir, copy)
+    copy = copy_of(ckpt_dir, tmp_path)
     shutil.rmtree(copy / "6")
     resumed = run(small_config(copy, uninterrupted_api(uninterrupted), steps=3, eval_every=6, resume=True))
     assert resumed.start_step == 3
@@ -87,8 +91,7 @@ def test_resume_at_the_last_step_between_evaluations_evaluates(
 
 def test_resume_with_fewer_steps_than_the_checkpoint(finished_run: tuple[Path, FitResult], tmp_path: Path) -> None:
     ckpt_dir, uninterrupted = finished_run
-    copy = tmp_path / "ckpt"
-    shutil.copytree(ckpt_dir, copy)
+    copy = copy_of(ckpt_dir, tmp_path)
     with pytest.raises(ConfigError, match=r"`steps` must be at least the checkpoint's step \(6\).*got 3"):
         run(small_config(copy, uninterrupted_api(uninterrupted), steps=3, resume=True))
 
@@ -114,8 +117,7 @@ def test_path_that_is_a_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("damage", ["truncate every file", "delete the state item"])
 def test_corrupt_checkpoint(finished_run: tuple[Path, FitResult], tmp_path: Path, damage: str) -> None:
     ckpt_dir, uninterrupted = finished_run
-    copy = tmp_path / "ckpt"
-    shutil.copytree(ckpt_dir, copy)
+    copy = copy_of(ckpt_dir, tmp_path)
     latest = copy / "6"
     if damage == "delete the state item":
         shutil.rmtree(latest / "state")
@@ -130,8 +132,7 @@ def test_corrupt_checkpoint(finished_run: tuple[Path, FitResult], tmp_path: Path
 
 def test_checkpoint_of_other_settings(finished_run: tuple[Path, FitResult], tmp_path: Path) -> None:
     ckpt_dir, _ = finished_run
-    copy = tmp_path / "ckpt"
-    shutil.copytree(ckpt_dir, copy)
+    copy = copy_of(ckpt_dir, tmp_path)
     meta = next((copy / "6" / "meta").rglob("*"))
     text = meta.read_text()
     assert '"learning_rate": 0.003' in text
@@ -143,8 +144,7 @@ def test_checkpoint_of_other_settings(finished_run: tuple[Path, FitResult], tmp_
 
 def test_other_api_cannot_resume(finished_run: tuple[Path, FitResult], tmp_path: Path) -> None:
     ckpt_dir, uninterrupted = finished_run
-    copy = tmp_path / "ckpt"
-    shutil.copytree(ckpt_dir, copy)
+    copy = copy_of(ckpt_dir, tmp_path)
     other = "nnx" if uninterrupted_api(uninterrupted) == "linen" else "linen"
     api = uninterrupted_api(uninterrupted)
     with pytest.raises(CheckpointError, match=rf"different settings \(api: '{api}' there, '{other}' here\)\.$"):
