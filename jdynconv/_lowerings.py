@@ -12,9 +12,10 @@ Every lowering takes canonical arguments: channels-last ``inputs`` ``(B, *spatia
 * ``scan``: ``lax.map`` over the batch of an ordinary single-kernel conv. XLA:CPU runs those with its
   fast direct convolution, so this is the quickest CPU forward for 1-D and 2-D; its backward is slow.
 * ``im2col``: gather the ``prod(kernel_size)`` shifted views of the padded input and contract them
-  with the kernels in one batched matmul, over chunks of the batch (``lax.map``) sized so each
-  chunk's patches stay in cache, rematerialised in the backward pass. Forward and both gradients are
-  batched matmuls, so its fwd+bwd is the fastest on CPU.
+  with the kernels, rematerialised in the backward pass. Forward and both gradients are matmuls, so
+  its fwd+bwd is the fastest on CPU. Large per-sample matmuls run one sample at a time (``lax.map``
+  of unbatched matmuls, which XLA:CPU runs ~3.5x faster than the batched form); small ones in
+  batched chunks sized so each chunk's patches stay in cache.
 * ``hybrid``: values from ``grouped``, derivatives from ``im2col`` (a custom JVP), for backends whose
   grouped conv is fast but whose batch-group kernel gradient is not (GPU).
 * ``auto``: see :func:`choose_lowering`.
@@ -25,12 +26,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
@@ -116,54 +117,104 @@ def conv_grouped(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.A
     return jnp.moveaxis(out.reshape(*out.shape[:-1], batch, out_channels), -2, 0)
 
 
+def tap_views(inputs: jax.Array, kernel_size: tuple[int, ...], spec: ConvSpec, first_spatial: int) -> list[jax.Array]:
+    """One strided view of the dilated, padded ``inputs`` per kernel tap, taps in row-major kernel order.
+
+    ``inputs`` has its spatial dims at ``first_spatial, first_spatial + 1, ...``; every other dim is
+    kept whole, so this serves batched and single samples in either channel layout. Each view has the
+    output's spatial shape. A static loop over taps: the program grows with the kernel's size, never
+    with the batch.
+    """
+    num_spatial = len(kernel_size)
+    spatial_axes = range(first_spatial, first_spatial + num_spatial)
+    spatial = [inputs.shape[axis] for axis in spatial_axes]
+    config = [(0, 0, 0)] * inputs.ndim
+    for axis, (lo, hi), dilation in zip(spatial_axes, spec.pads, spec.input_dilation, strict=True):
+        config[axis] = (lo, hi, dilation - 1)
+    padded = lax.pad(inputs, jnp.zeros((), inputs.dtype), config)
+    out_shape = output_spatial_shape(spatial, kernel_size, spec)
+    views = []
+    for tap in itertools.product(*(range(k) for k in kernel_size)):
+        start, limit, strides = [0] * inputs.ndim, list(padded.shape), [1] * inputs.ndim
+        for axis, t, kd, o, s in zip(spatial_axes, tap, spec.kernel_dilation, out_shape, spec.strides, strict=True):
+            start[axis], limit[axis], strides[axis] = t * kd, t * kd + (o - 1) * s + 1, s
+        views.append(lax.slice(padded, start, limit, strides))
+    return views
+
+
 def extract_patches(inputs: jax.Array, kernel_size: tuple[int, ...], spec: ConvSpec) -> jax.Array:
     """The receptive field of every output position: ``(B, *S, C) -> (B, *out, prod(kernel_size) * C)``.
 
-    Tap-major (index ``tap * C + c``, taps in row-major kernel order). One strided slice per kernel
-    tap of the dilated, padded input, concatenated on the channel axis (measured 1.6x faster on
-    XLA:CPU than stacking on a new axis and reshaping). A static loop over taps: the program grows
-    with the kernel's size, never with the batch.
+    Tap-major (index ``tap * C + c``). The tap views concatenated on the channel axis (measured 1.6x
+    faster on XLA:CPU than stacking on a new axis and reshaping).
     """
-    batch, *spatial, channels = inputs.shape
-    zero = jnp.zeros((), inputs.dtype)
-    padded = lax.pad(
-        inputs,
-        zero,
-        [(0, 0, 0), *((lo, hi, d - 1) for (lo, hi), d in zip(spec.pads, spec.input_dilation, strict=True)), (0, 0, 0)],
-    )
-    out_shape = output_spatial_shape(spatial, kernel_size, spec)
-    taps = []
-    for tap in itertools.product(*(range(k) for k in kernel_size)):
-        start = [t * kd for t, kd in zip(tap, spec.kernel_dilation, strict=True)]
-        limit = [st + (o - 1) * s + 1 for st, o, s in zip(start, out_shape, spec.strides, strict=True)]
-        taps.append(lax.slice(padded, (0, *start, 0), (batch, *limit, channels), (1, *spec.strides, 1)))
-    return jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
+    views = tap_views(inputs, kernel_size, spec, first_spatial=1)
+    return jnp.concatenate(views, axis=-1) if len(views) > 1 else views[0]
+
+
+def _contract_kwargs(spec: ConvSpec) -> dict[str, Any]:
+    return dict(precision=spec.precision, preferred_element_type=spec.preferred_element_type)
+
+
+def conv_im2col_sample(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """One sample's patches contracted with its kernel: ``(*S, C), (*k, C // G, O) -> (*out, O)``.
+
+    Unbatched on purpose: XLA:CPU hands an unbatched matmul to its fast GEMM (measured 345 GFLOP/s on
+    2 cores for 8192x2304x256) and a batched one to a slower path (91 GFLOP/s for the same FLOPs as
+    128 matmuls of 64x2304x256), so large per-sample matmuls run fastest one sample at a time.
+    """
+    *kernel_size, group_in, out_channels = kernels.shape
+    groups = spec.feature_group_count
+    patches = extract_patches(inputs[None], tuple(kernel_size), spec)[0]
+    out_spatial = patches.shape[:-1]
+    taps = math.prod(kernel_size)
+    if groups == 1:
+        flat_patches = patches.reshape(-1, taps * group_in)
+        out = lax.dot(flat_patches, kernels.reshape(taps * group_in, out_channels), **_contract_kwargs(spec))
+    else:
+        # Output channel o belongs to group o // (C_out / G), as in lax.conv_general_dilated.
+        grouped_patches = patches.reshape(-1, taps, groups, group_in)
+        grouped_kernels = kernels.reshape(taps, group_in, groups, out_channels // groups)
+        out = jnp.einsum("ptgc,tcgo->pgo", grouped_patches, grouped_kernels, **_contract_kwargs(spec))
+    return out.reshape(*out_spatial, out_channels)
+
+
+def conv_im2col_sample_channels_first(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """:func:`conv_im2col_sample` in PyTorch's layout: ``(C, *S), (O, C // G, *k) -> (O, *out)``.
+
+    The kernel's own ``(O, C // G * T)`` flattening times patches stacked as ``(C * T, positions)``:
+    no transpose of inputs, kernels or output. Transposing PyTorch-layout arguments to channels-last
+    instead cost more than the convolution (B128, 128 channels, 1-D k5: 23-46 ms against 8-13 ms).
+    """
+    out_channels, group_in, *kernel_size = kernels.shape
+    groups = spec.feature_group_count
+    views = tap_views(inputs, tuple(kernel_size), spec, first_spatial=1)
+    patches = jnp.stack(views, axis=1)  # (C, T, *out): channel-major, as the kernel is flattened.
+    out_spatial = patches.shape[2:]
+    taps = math.prod(kernel_size)
+    if groups == 1:
+        flat_patches = patches.reshape(group_in * taps, -1)
+        out = lax.dot(kernels.reshape(out_channels, group_in * taps), flat_patches, **_contract_kwargs(spec))
+    else:
+        grouped_patches = patches.reshape(groups, group_in * taps, -1)
+        grouped_kernels = kernels.reshape(groups, out_channels // groups, group_in * taps)
+        out = jnp.einsum("gok,gkp->gop", grouped_kernels, grouped_patches, **_contract_kwargs(spec))
+    return out.reshape(out_channels, *out_spatial)
 
 
 def conv_im2col(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
     """Patches of the input contracted with the per-sample kernels in one batched matmul."""
-    batch = inputs.shape[0]
-    *kernel_size, group_in, out_channels = kernels.shape[1:]
-    groups = spec.feature_group_count
-    patches = extract_patches(inputs, tuple(kernel_size), spec)
-    out_spatial = patches.shape[1:-1]
-    taps = int(np.prod(kernel_size))
-    contract = dict(precision=spec.precision, preferred_element_type=spec.preferred_element_type)
-    if groups == 1:
-        # (B, P, T * C) @ (B, T * C, O): a plain batched matmul, the fastest form on XLA:CPU.
-        flat_patches = patches.reshape(batch, -1, taps * group_in)
-        out = jnp.matmul(flat_patches, kernels.reshape(batch, taps * group_in, out_channels), **contract)
-    else:
-        # Output channel o belongs to group o // (C_out / G), as in lax.conv_general_dilated.
-        grouped_patches = patches.reshape(batch, -1, taps, groups, group_in)
-        grouped_kernels = kernels.reshape(batch, taps, group_in, groups, out_channels // groups)
-        out = jnp.einsum("bptgc,btcgo->bpgo", grouped_patches, grouped_kernels, **contract)
-    return out.reshape(batch, *out_spatial, out_channels)
+    return jax.vmap(conv_im2col_sample, in_axes=(0, 0, None))(inputs, kernels, spec)
 
 
 # Patches of one chunk are kept around this size so they stay in a core's L2 cache; measured on 2
 # CPU cores (1 MiB L2 each): 1 to 4 MiB chunks were fastest for 1-D, 2-D and 3-D shapes.
 _CHUNK_BYTES = 2 * 1024 * 1024
+
+# From this many multiply-adds per sample, one unbatched matmul per sample beats batched chunks on
+# XLA:CPU (2 cores): 0.4x-0.6x the time at 2.6M-38M per sample, within +-15% at 0.05M-1.6M either
+# way, and 1.6x-1.9x slower below 0.01M, where the loop's per-step cost dominates.
+_PER_SAMPLE_MATMUL_MACS = 1 << 20
 
 
 def chunk_size(batch: int, bytes_per_sample: int) -> int:
@@ -171,22 +222,40 @@ def chunk_size(batch: int, bytes_per_sample: int) -> int:
     return int(max(1, min(batch, _CHUNK_BYTES // max(bytes_per_sample, 1))))
 
 
-def im2col_chunk_size(
-    inputs_shape: tuple[int, ...], kernels_shape: tuple[int, ...], out_size: int, itemsize: int
-) -> int:
-    """How many samples of the batch ``conv_im2col_chunked`` processes at once."""
-    taps = int(np.prod(kernels_shape[1:-2]))
-    return chunk_size(inputs_shape[0], out_size * taps * inputs_shape[-1] * itemsize)
+def im2col_chunk_size(batch: int, macs_per_sample: int, patch_bytes_per_sample: int) -> int:
+    """How many samples the im2col lowering contracts at once; 1 means one unbatched matmul each."""
+    if macs_per_sample >= _PER_SAMPLE_MATMUL_MACS:
+        return 1
+    return chunk_size(batch, patch_bytes_per_sample)
+
+
+def _map_over_chunks(sample_fn: Lowering, inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """``sample_fn`` (one sample's conv) over the batch in chunks; patches are recomputed, not stored."""
+    channels_first = sample_fn is conv_im2col_sample_channels_first
+    kernel_size = kernels.shape[3:] if channels_first else kernels.shape[1:-2]
+    spatial = inputs.shape[2:] if channels_first else inputs.shape[1:-1]
+    in_channels = inputs.shape[1] if channels_first else inputs.shape[-1]
+    group_in, out_channels = (kernels.shape[2], kernels.shape[1]) if channels_first else kernels.shape[-2:]
+    patch_size = math.prod(output_spatial_shape(spatial, kernel_size, spec)) * math.prod(kernel_size)
+    chunk = im2col_chunk_size(
+        inputs.shape[0], patch_size * group_in * out_channels, patch_size * in_channels * inputs.dtype.itemsize
+    )
+    body = jax.checkpoint(lambda pair: sample_fn(pair[0], pair[1], spec))
+    if chunk == 1:
+        return lax.map(body, (inputs, kernels))
+    if chunk >= inputs.shape[0]:
+        return jax.vmap(sample_fn, in_axes=(0, 0, None))(inputs, kernels, spec)
+    return lax.map(body, (inputs, kernels), batch_size=chunk)
 
 
 def conv_im2col_chunked(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
-    """``conv_im2col`` over chunks of the batch; each chunk's patches are recomputed, not stored."""
-    out_size = int(np.prod(output_spatial_shape(inputs.shape[1:-1], kernels.shape[1:-2], spec)))
-    chunk = im2col_chunk_size(inputs.shape, kernels.shape, out_size, inputs.dtype.itemsize)
-    if chunk >= inputs.shape[0]:
-        return conv_im2col(inputs, kernels, spec)
-    body = jax.checkpoint(lambda pair: conv_im2col(pair[0][None], pair[1][None], spec)[0])
-    return lax.map(body, (inputs, kernels), batch_size=chunk)
+    """The ``im2col`` lowering: large per-sample matmuls one sample at a time, small ones in chunks."""
+    return _map_over_chunks(conv_im2col_sample, inputs, kernels, spec)
+
+
+def conv_im2col_chunked_channels_first(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """``conv_im2col_chunked`` on PyTorch-layout ``(B, C, *S)``, ``(B, O, C // G, *k)``; ``(B, O, *out)`` out."""
+    return _map_over_chunks(conv_im2col_sample_channels_first, inputs, kernels, spec)
 
 
 def conv_scan(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
@@ -238,6 +307,10 @@ LOWERINGS: dict[str, Lowering] = {
     "im2col": conv_im2col_chunked,
     "hybrid": conv_grouped_im2col_grad,
 }
+
+
+# Lowerings with a native PyTorch-layout form, which spares ``per_sample_conv`` the transposes.
+CHANNELS_FIRST_FORMS: dict[Lowering, Lowering] = {conv_im2col_chunked: conv_im2col_chunked_channels_first}
 
 
 def choose_lowering(backend: str) -> Lowering:

@@ -89,10 +89,11 @@ def per_sample_conv(
 
     given_kernel_shape = tuple(kernels.shape)
     if channels_first:
-        inputs = jnp.moveaxis(inputs, 1, -1)
-        kernels = jnp.moveaxis(kernels, (1, 2), (-1, -2))
-    batch, *spatial, in_channels = inputs.shape
-    *kernel_size, group_in_channels, out_channels = kernels.shape[1:]
+        batch, in_channels, *spatial = inputs.shape
+        out_channels, group_in_channels, *kernel_size = kernels.shape[1:]
+    else:
+        batch, *spatial, in_channels = inputs.shape
+        *kernel_size, group_in_channels, out_channels = kernels.shape[1:]
     if kernels.shape[0] != batch:
         raise ValueError(f"`kernels` must have batch size {batch} to match `inputs`, got shape {given_kernel_shape}.")
     groups = _check_groups(feature_group_count, in_channels, group_in_channels, out_channels, given_kernel_shape)
@@ -119,11 +120,18 @@ def per_sample_conv(
         # An empty batch has an empty result; the lowerings' reshapes and B * G groups cannot express it.
         out_spatial = _lowerings.output_spatial_shape(spatial, kernel_size, spec)
         out = jnp.zeros((0, *out_spatial, out_channels), preferred_element_type or inputs.dtype)
+        out = jnp.moveaxis(out, -1, 1) if channels_first else out
+    elif channels_first and lowering in _lowerings.CHANNELS_FIRST_FORMS:
+        out = _lowerings.CHANNELS_FIRST_FORMS[lowering](inputs, kernels, spec)
+    elif channels_first:
+        out = lowering(jnp.moveaxis(inputs, 1, -1), jnp.moveaxis(kernels, (1, 2), (-1, -2)), spec)
+        out = jnp.moveaxis(out, -1, 1)
     else:
         out = lowering(inputs, kernels, spec)
     if bias is not None:
-        out = out + _broadcastable_bias(bias, batch, out_channels, inputs.dtype, num_spatial).astype(out.dtype)
-    return jnp.moveaxis(out, -1, 1) if channels_first else out
+        bias = _broadcastable_bias(bias, batch, out_channels, inputs.dtype, num_spatial).astype(out.dtype)
+        out = out + (jnp.moveaxis(bias, -1, 1) if channels_first else bias)
+    return out
 
 
 def conv_spec(

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import jdynconv as jdc
 from jdynconv import _lowerings
-from jdynconv.functional import METHODS
+from jdynconv.functional import DATA_FORMATS, METHODS
 from tests import reference
 from tests.helpers import assert_close
 
@@ -122,8 +122,18 @@ def _random(case: Case, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, w.astype(np.float32), b
 
 
-def _conv_fn(case: Case, method: str, **extra: Any):
-    return jax.jit(lambda x, w, b: jdc.per_sample_conv(x, w, b, method=method, **case.kwargs, **extra))
+def _conv_fn(case: Case, method: str, data_format: str = "channels_last", **extra: Any):
+    """The conv as a function of channels-last arrays, whichever layout it is computed in."""
+    if data_format == "channels_last":
+        return jax.jit(lambda x, w, b: jdc.per_sample_conv(x, w, b, method=method, **case.kwargs, **extra))
+
+    def in_pytorch_layout(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+        x_cf = jnp.moveaxis(x, -1, 1)
+        w_cf = jnp.moveaxis(w, (-1, -2), (1, 2))  # (B, *K, I, O) -> (B, O, I, *K)
+        out = jdc.per_sample_conv(x_cf, w_cf, b, data_format="channels_first", method=method, **case.kwargs, **extra)
+        return jnp.moveaxis(out, 1, -1)
+
+    return jax.jit(in_pytorch_layout)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -163,20 +173,26 @@ def test_shared_bias_and_its_gradient(method: str) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("case", [CASES[5], CASES[7]], ids=[CASES[5].name, CASES[7].name])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_channels_first_is_the_pytorch_layout(case: Case, method: str) -> None:
     x, w, b = _random(case, seed=5)
-    n = len(case.spatial)
     x_cf = np.moveaxis(x, -1, 1)
     w_cf = np.moveaxis(w, (-1, -2), (1, 2))  # (B, *K, I, O) -> (B, O, I, *K)
     out = jdc.per_sample_conv(x_cf, w_cf, b, data_format="channels_first", method=method, **case.kwargs)
     expected = np.moveaxis(reference.conv(x, w, b, case.geometry), -1, 1)
-    assert out.shape == expected.shape == (case.batch, case.out_channels, *expected.shape[2 : 2 + n])
-    assert_close(out, expected, F32_RTOL)
+    assert out.shape == expected.shape
+    assert expected.shape[:2] == (case.batch, case.out_channels)
+    assert_close(out, expected, F32_RTOL, "forward")
+    # Gradients too: the im2col lowering has a PyTorch-layout form of its own.
+    out_cl, vjp = jax.vjp(_conv_fn(case, method, "channels_first"), x, w, b)
+    cotangent = np.random.default_rng(6).standard_normal(out_cl.shape).astype(np.float32)
+    ref = reference.conv_vjp(x, w, cotangent, case.geometry, bias_shape=b.shape)
+    for got, want, name in zip(vjp(cotangent), ref, ("x", "w", "b"), strict=True):
+        assert_close(got, want, F32_RTOL, f"d_{name}")
 
 
 @st.composite
-def conv_configs(draw: st.DrawFn) -> tuple[Case, str]:
+def conv_configs(draw: st.DrawFn) -> tuple[Case, str, str]:
     n = draw(st.integers(1, 3))
     groups = draw(st.integers(1, 2))
     spatial = tuple(draw(st.lists(st.integers(1, 6), min_size=n, max_size=n)))
@@ -204,15 +220,15 @@ def conv_configs(draw: st.DrawFn) -> tuple[Case, str]:
         },
         geo,
     )
-    return case, draw(st.sampled_from(METHODS))
+    return case, draw(st.sampled_from(METHODS)), draw(st.sampled_from(DATA_FORMATS))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(conv_configs(), st.integers(0, 2**16))
-def test_random_valid_configurations_match_reference(config: tuple[Case, str], seed: int) -> None:
-    case, method = config
+def test_random_valid_configurations_match_reference(config: tuple[Case, str, str], seed: int) -> None:
+    case, method, data_format = config
     x, w, b = _random(case, seed)
-    fn = _conv_fn(case, method)
+    fn = _conv_fn(case, method, data_format)
     out, vjp = jax.vjp(fn, x, w, b)
     assert_close(out, reference.conv(x, w, b, case.geometry), F32_RTOL, "forward")
     cotangent = np.random.default_rng(seed + 1).standard_normal(out.shape).astype(np.float32)
@@ -305,19 +321,24 @@ def test_precision_highest_is_accepted_by_every_method() -> None:
         assert_close(out, expected, F32_RTOL, method)
 
 
-def _conv_batch_group_counts(fn, *args) -> list[int]:
-    """batch_group_count of every conv in the (nested) jaxpr of ``fn``."""
-    counts = []
+def _equation_params(primitive: str, fn, *args) -> list[dict[str, Any]]:
+    """The parameters of every ``primitive`` equation in the (nested) jaxpr of ``fn``."""
+    found = []
 
     def visit(jaxpr: jax.extend.core.Jaxpr) -> None:
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "conv_general_dilated":
-                counts.append(eqn.params["batch_group_count"])
+            if eqn.primitive.name == primitive:
+                found.append(eqn.params)
             for sub in _subjaxprs(eqn):
                 visit(sub)
 
     visit(jax.make_jaxpr(fn)(*args).jaxpr)
-    return counts
+    return found
+
+
+def _conv_batch_group_counts(fn, *args) -> list[int]:
+    """batch_group_count of every conv in the (nested) jaxpr of ``fn``."""
+    return [params["batch_group_count"] for params in _equation_params("conv_general_dilated", fn, *args)]
 
 
 def _subjaxprs(eqn: Any) -> list[Any]:
@@ -351,17 +372,50 @@ def test_auto_rule_by_backend() -> None:
     assert _lowerings.choose_lowering("tpu") is _lowerings.conv_grouped_im2col_grad
 
 
-def test_im2col_chunks_large_batches_and_still_matches() -> None:
-    # 40 samples of (20, 20) x 8 channels x 9 taps: ~115 KiB of patches each, so several chunks.
-    case = Case("chunked", 40, 8, 4, (20, 20), (3, 3), {"padding": 1}, _geo((1, 1), ((1, 1), (1, 1))))
+IM2COL_CHUNKING_CASES = [
+    # 40 samples of (20, 20) x 8 channels x 9 taps: ~115 KiB of patches and 0.1M multiply-adds each,
+    # so batched chunks of several samples, with a ragged last chunk.
+    (Case("batched_chunks", 40, 8, 4, (20, 20), (3, 3), {"padding": 1}, _geo((1, 1), ((1, 1), (1, 1)))), "chunks"),
+    # 1024 positions x 9 taps x 16 x 16: 2.4M multiply-adds a sample, so one unbatched matmul each.
+    (Case("per_sample", 3, 16, 16, (32, 32), (3, 3), {"padding": 1}, _geo((1, 1), ((1, 1), (1, 1)))), "samples"),
+    (
+        Case(
+            "per_sample_grouped",
+            3,
+            16,
+            32,
+            (32, 32),
+            (3, 3),
+            {"padding": 1, "feature_group_count": 2},
+            _geo((1, 1), ((1, 1), (1, 1)), groups=2),
+        ),
+        "samples",
+    ),
+]
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize(("case", "expected"), IM2COL_CHUNKING_CASES, ids=lambda c: getattr(c, "name", c))
+def test_im2col_chunks_and_still_matches(case: Case, expected: str, data_format: str) -> None:
     x, w, b = _random(case, seed=17)
-    chunk = _lowerings.im2col_chunk_size(x.shape, w.shape, 400, 4)
-    assert 1 < chunk < case.batch
-    assert case.batch % chunk != 0  # a ragged last chunk too
-    fn = _conv_fn(case, "im2col")
+    out_size = int(np.prod(case.spatial))  # stride 1, SAME
+    macs = out_size * 9 * (case.in_channels // case.geometry.groups) * case.out_channels
+    chunk = _lowerings.im2col_chunk_size(case.batch, macs, out_size * 9 * case.in_channels * 4)
+    if expected == "chunks":
+        assert 1 < chunk < case.batch
+        assert case.batch % chunk != 0  # a ragged last chunk too
+    else:
+        assert chunk == 1
+    fn = _conv_fn(case, "im2col", data_format)
     out, vjp = jax.vjp(fn, x, w, b)
     assert_close(out, reference.conv(x, w, b, case.geometry), F32_RTOL)
     cotangent = np.random.default_rng(18).standard_normal(out.shape).astype(np.float32)
     ref = reference.conv_vjp(x, w, cotangent, case.geometry, bias_shape=b.shape)
     for got, want in zip(vjp(cotangent), ref, strict=True):
         assert_close(got, want, F32_RTOL)
+    if case.geometry.groups == 1:
+        # The speed claim behind the rule: per-sample chunks contract with unbatched matmuls only.
+        fwd_bwd = jax.grad(lambda x, w: jnp.sum(fn(x, w, b) * cotangent), argnums=(0, 1))
+        batch_dims = [params["dimension_numbers"][1][0] for params in _equation_params("dot_general", fwd_bwd, x, w)]
+        assert batch_dims
+        assert all(dims == () for dims in batch_dims) == (expected == "samples")
