@@ -2,20 +2,23 @@
 
 Every lowering takes canonical arguments: channels-last ``inputs`` ``(B, *spatial, C_in)``, kernels
 ``(B, *kernel_size, C_in // G, C_out)`` and a :class:`ConvSpec` with explicit pads, and returns
-``(B, *out_spatial, C_out)`` without bias.
+``(B, *out_spatial, C_out)`` without bias. ``CHANNELS_FIRST_FORMS`` maps a lowering to its form taking
+and returning PyTorch's layout (``(B, C_in, *spatial)``, ``(B, C_out, C_in // G, *kernel_size)``),
+where it has one.
 
 * ``vmap``: ``jax.vmap`` over ``lax.conv_general_dilated``, the reference semantics. JAX batches it
   into one grouped conv; its kernel gradient is a ``batch_group_count = B`` conv, which XLA:CPU
   expands with a mask, so it gets slower with B (measured 50x-300x PyTorch on 2 CPU cores).
 * ``grouped``: the PyTorch trick written out (batch folded into channels, ``feature_group_count =
   B * G``). The same program as ``vmap`` after batching, kept because it is what cuDNN is fast at.
-* ``scan``: ``lax.map`` over the batch of an ordinary single-kernel conv. XLA:CPU runs those with its
-  fast direct convolution, so this is the quickest CPU forward for 1-D and 2-D; its backward is slow.
+* ``scan``: ``lax.map`` over the batch of an ordinary single-kernel conv (XLA:CPU's direct
+  convolution). Its forward is close to ``im2col``'s, a little faster on some small-channel shapes;
+  its backward is slow.
 * ``im2col``: gather the ``prod(kernel_size)`` shifted views of the padded input and contract them
-  with the kernels, rematerialised in the backward pass. Forward and both gradients are matmuls, so
-  its fwd+bwd is the fastest on CPU. Large per-sample matmuls run one sample at a time (``lax.map``
-  of unbatched matmuls, which XLA:CPU runs ~3.5x faster than the batched form); small ones in
-  batched chunks sized so each chunk's patches stay in cache.
+  with the kernels. Forward and both gradients are matmuls, so its fwd+bwd is the fastest on CPU.
+  Large per-sample matmuls (G = 1) run one sample at a time, a ``lax.map`` of unbatched matmuls,
+  which XLA:CPU runs ~3.8x faster than the batched form; small ones in batched chunks sized so each
+  chunk's patches stay in cache. When the batch is split, patches are recomputed in the backward pass.
 * ``hybrid``: values from ``grouped``, derivatives from ``im2col`` (a custom JVP), for backends whose
   grouped conv is fast but whose batch-group kernel gradient is not (GPU).
 * ``auto``: see :func:`choose_lowering`.
@@ -211,7 +214,7 @@ def conv_im2col(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Ar
 # CPU cores (1 MiB L2 each): 1 to 4 MiB chunks were fastest for 1-D, 2-D and 3-D shapes.
 _CHUNK_BYTES = 2 * 1024 * 1024
 
-# From this many multiply-adds per sample, one unbatched matmul per sample beats batched chunks on
+# From this many multiply-adds per sample (G = 1), one unbatched matmul per sample beats batched chunks on
 # XLA:CPU (2 cores): 0.4x-0.6x the time at 2.6M-38M per sample, within +-15% at 0.05M-1.6M either
 # way, and 1.6x-1.9x slower below 0.01M, where the loop's per-step cost dominates.
 _PER_SAMPLE_MATMUL_MACS = 1 << 20
@@ -223,25 +226,26 @@ def chunk_size(batch: int, bytes_per_sample: int) -> int:
 
 
 def im2col_chunk_size(batch: int, macs_per_sample: int, patch_bytes_per_sample: int) -> int:
-    """How many samples the im2col lowering contracts at once; 1 means one unbatched matmul each."""
+    """How many samples the im2col lowering contracts at once; 1 means one matmul each."""
     if macs_per_sample >= _PER_SAMPLE_MATMUL_MACS:
         return 1
     return chunk_size(batch, patch_bytes_per_sample)
 
 
-def _map_over_chunks(sample_fn: Lowering, inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+def _map_over_chunks(
+    sample_fn: Lowering, inputs: jax.Array, kernels: jax.Array, spec: ConvSpec, *, channels_first: bool
+) -> jax.Array:
     """``sample_fn`` (one sample's conv) over the batch in chunks; patches are recomputed, not stored."""
-    channels_first = sample_fn is conv_im2col_sample_channels_first
     kernel_size = kernels.shape[3:] if channels_first else kernels.shape[1:-2]
     spatial = inputs.shape[2:] if channels_first else inputs.shape[1:-1]
     in_channels = inputs.shape[1] if channels_first else inputs.shape[-1]
     group_in, out_channels = (kernels.shape[2], kernels.shape[1]) if channels_first else kernels.shape[-2:]
     patch_size = math.prod(output_spatial_shape(spatial, kernel_size, spec)) * math.prod(kernel_size)
-    chunk = im2col_chunk_size(
-        inputs.shape[0], patch_size * group_in * out_channels, patch_size * in_channels * inputs.dtype.itemsize
-    )
+    # Measured for G == 1 only: a grouped contraction is a matmul batched over the groups even per sample.
+    macs = patch_size * group_in * out_channels if spec.feature_group_count == 1 else 0
+    chunk = im2col_chunk_size(inputs.shape[0], macs, patch_size * in_channels * inputs.dtype.itemsize)
     body = jax.checkpoint(lambda pair: sample_fn(pair[0], pair[1], spec))
-    if chunk == 1:
+    if chunk == 1:  # also for a batch of 1: its matmul then stays unbatched
         return lax.map(body, (inputs, kernels))
     if chunk >= inputs.shape[0]:
         return jax.vmap(sample_fn, in_axes=(0, 0, None))(inputs, kernels, spec)
@@ -250,12 +254,12 @@ def _map_over_chunks(sample_fn: Lowering, inputs: jax.Array, kernels: jax.Array,
 
 def conv_im2col_chunked(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
     """The ``im2col`` lowering: large per-sample matmuls one sample at a time, small ones in chunks."""
-    return _map_over_chunks(conv_im2col_sample, inputs, kernels, spec)
+    return _map_over_chunks(conv_im2col_sample, inputs, kernels, spec, channels_first=False)
 
 
 def conv_im2col_chunked_channels_first(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
     """``conv_im2col_chunked`` on PyTorch-layout ``(B, C, *S)``, ``(B, O, C // G, *k)``; ``(B, O, *out)`` out."""
-    return _map_over_chunks(conv_im2col_sample_channels_first, inputs, kernels, spec)
+    return _map_over_chunks(conv_im2col_sample_channels_first, inputs, kernels, spec, channels_first=True)
 
 
 def conv_scan(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
@@ -316,9 +320,11 @@ CHANNELS_FIRST_FORMS: dict[Lowering, Lowering] = {conv_im2col_chunked: conv_im2c
 def choose_lowering(backend: str) -> Lowering:
     """The ``method="auto"`` rule.
 
-    * CPU: ``im2col``. On 2 cores it was the fastest fwd+bwd on every benchmark shape (the direct-conv
-      lowerings' kernel gradient is XLA:CPU's masked batch-group conv, 10x-100x slower) and within
-      0.8x-1.4x of the fastest forward (``scan``) where it was not itself the fastest.
+    * CPU: ``im2col``. On 2 cores (benchmarks/per_sample_conv.py, 2026-11-21) it was the fastest
+      fwd+bwd on five of seven benchmark shapes and ``hybrid`` on the other two, the small seed and
+      1d-a shapes (0.041 vs 0.058 ms, 3.9 vs 4.2 ms); the direct-conv lowerings' kernel gradient is
+      XLA:CPU's masked batch-group conv, 10x-100x slower. It was the fastest forward on all but 2d-a,
+      where ``scan`` was (11 vs 15 ms).
     * GPU/TPU: values from ``grouped`` (one cuDNN/TPU grouped conv), derivatives from ``im2col``,
       which avoids the batch-group kernel gradient reported slow on GPU (jax issue 13800).
     """

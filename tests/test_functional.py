@@ -373,15 +373,16 @@ def test_auto_rule_by_backend() -> None:
 
 
 IM2COL_CHUNKING_CASES = [
-    # 40 samples of (20, 20) x 8 channels x 9 taps: ~115 KiB of patches and 0.1M multiply-adds each,
-    # so batched chunks of several samples, with a ragged last chunk.
-    (Case("batched_chunks", 40, 8, 4, (20, 20), (3, 3), {"padding": 1}, _geo((1, 1), ((1, 1), (1, 1)))), "chunks"),
+    # 40 samples of (20, 20) x 8 channels x 9 taps: ~115 KiB of patches and 0.1M multiply-adds each, so
+    # batched chunks of 18 samples: a scan of 2 steps, and the ragged last 4 samples on their own.
+    (Case("batched_chunks", 40, 8, 4, (20, 20), (3, 3), {"padding": 1}, _geo((1, 1), ((1, 1), (1, 1)))), 2),
     # 1024 positions x 9 taps x 16 x 16: 2.4M multiply-adds a sample, so one unbatched matmul each.
-    (Case("per_sample", 3, 16, 16, (32, 32), (3, 3), {"padding": 1}, _geo((1, 1), ((1, 1), (1, 1)))), "samples"),
+    (Case("per_sample", 3, 16, 16, (32, 32), (3, 3), {"padding": 1}, _geo((1, 1), ((1, 1), (1, 1)))), 3),
+    # As large, but grouped (a matmul batched over groups either way): chunks of 3 by patch bytes.
     (
         Case(
-            "per_sample_grouped",
-            3,
+            "grouped_chunks",
+            5,
             16,
             32,
             (32, 32),
@@ -389,23 +390,15 @@ IM2COL_CHUNKING_CASES = [
             {"padding": 1, "feature_group_count": 2},
             _geo((1, 1), ((1, 1), (1, 1)), groups=2),
         ),
-        "samples",
+        1,
     ),
 ]
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
-@pytest.mark.parametrize(("case", "expected"), IM2COL_CHUNKING_CASES, ids=lambda c: getattr(c, "name", c))
-def test_im2col_chunks_and_still_matches(case: Case, expected: str, data_format: str) -> None:
+@pytest.mark.parametrize(("case", "scan_length"), IM2COL_CHUNKING_CASES, ids=lambda c: getattr(c, "name", c))
+def test_im2col_chunks_and_still_matches(case: Case, scan_length: int, data_format: str) -> None:
     x, w, b = _random(case, seed=17)
-    out_size = int(np.prod(case.spatial))  # stride 1, SAME
-    macs = out_size * 9 * (case.in_channels // case.geometry.groups) * case.out_channels
-    chunk = _lowerings.im2col_chunk_size(case.batch, macs, out_size * 9 * case.in_channels * 4)
-    if expected == "chunks":
-        assert 1 < chunk < case.batch
-        assert case.batch % chunk != 0  # a ragged last chunk too
-    else:
-        assert chunk == 1
     fn = _conv_fn(case, "im2col", data_format)
     out, vjp = jax.vjp(fn, x, w, b)
     assert_close(out, reference.conv(x, w, b, case.geometry), F32_RTOL)
@@ -413,9 +406,11 @@ def test_im2col_chunks_and_still_matches(case: Case, expected: str, data_format:
     ref = reference.conv_vjp(x, w, cotangent, case.geometry, bias_shape=b.shape)
     for got, want in zip(vjp(cotangent), ref, strict=True):
         assert_close(got, want, F32_RTOL)
+    # The chunking the lowering chose, read from its program: forward and backward loops of that length.
+    fwd_bwd = jax.grad(lambda x, w: jnp.sum(fn(x, w, b) * cotangent), argnums=(0, 1))
+    assert {params["length"] for params in _equation_params("scan", fwd_bwd, x, w)} == {scan_length}
     if case.geometry.groups == 1:
-        # The speed claim behind the rule: per-sample chunks contract with unbatched matmuls only.
-        fwd_bwd = jax.grad(lambda x, w: jnp.sum(fn(x, w, b) * cotangent), argnums=(0, 1))
+        # The speed claim behind the rule: one sample at a time means unbatched matmuls only.
         batch_dims = [params["dimension_numbers"][1][0] for params in _equation_params("dot_general", fwd_bwd, x, w)]
         assert batch_dims
-        assert all(dims == () for dims in batch_dims) == (expected == "samples")
+        assert all(dims == () for dims in batch_dims) == (scan_length == case.batch)
