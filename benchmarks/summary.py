@@ -370,6 +370,47 @@ def kernel_mixing_section(payload: Mapping[str, Any]) -> list[str]:
     ]
 
 
+# --- xla_floor ------------------------------------------------------------------------------------------
+
+FLOOR_TORCH = "torch grouped (per-sample)"
+FLOOR_SUBJECT = "jdynconv auto (per-sample)"
+FLOOR_PROGRAMS = ("XLA shared conv NCHW", "XLA shared conv NHWC", "XLA one matmul")
+
+
+def floor_ratio(results: Mapping[str, Record], numerator: str | None, denominator: str | None) -> str:
+    """A ratio between PyTorch, jdynconv and the floor (None: the fastest of XLA's reference programs)."""
+
+    def seconds(name: str | None) -> float | None:
+        if name is not None:
+            return median_s(results.get(name))
+        programs = [median_s(results.get(program)) for program in FLOOR_PROGRAMS]
+        return None if None in programs else min(programs)  # type: ignore[type-var]
+
+    return format_ratio(ratio(seconds(numerator), seconds(denominator)))
+
+
+def xla_floor_section(payload: Mapping[str, Any]) -> list[str]:
+    rows = []
+    for shape in payload.get("shapes", []):
+        fwd, bwd = (shape["results"].get(mode, {}) for mode in PSC_MODES)
+        rows.append(
+            [
+                f"{shape['name']}: {shape['description']}",
+                *(floor_ratio(results, None, FLOOR_TORCH) for results in (fwd, bwd)),
+                *(floor_ratio(results, FLOOR_SUBJECT, None) for results in (fwd, bwd)),
+            ]
+        )
+    headers = ["shape", "floor / torch fwd", "floor / torch fwd+bwd", "auto / floor fwd", "auto / floor fwd+bwd"]
+    return [
+        markdown_table(headers, rows),
+        "",
+        "floor = the fastest of XLA's conv with ONE kernel for the whole batch (NCHW or NHWC) and ONE unbatched "
+        "matmul of the im2col contraction's size: the per-sample conv's FLOPs with less work around them; torch = "
+        "PyTorch's per-sample grouped conv. Above 1 in the first two columns: to match PyTorch there, a lowering "
+        "to XLA:CPU's conv or matmul would have to beat XLA's own dense conv and matmul of the same size.",
+    ]
+
+
 # --- Rendering ------------------------------------------------------------------------------------------
 
 Section = Callable[[Mapping[str, Any]], list[str]]
@@ -378,6 +419,7 @@ SECTIONS: dict[str, tuple[str, Section]] = {
     "per_sample_conv": ("Per-sample convolution: jdynconv auto vs PyTorch", per_sample_conv_section),
     "branch_mix": ("BranchMixConv: jdynconv vs the seed's PyTorch model", branch_mix_section),
     "kernel_mixing": ("Kernel mixing (CondConv, DynamicConv): jdynconv vs PyTorch", kernel_mixing_section),
+    "xla_floor": ("XLA's floor: a shared-kernel conv vs PyTorch's per-sample conv", xla_floor_section),
 }
 
 

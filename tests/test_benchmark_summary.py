@@ -40,6 +40,7 @@ def section(text: str, benchmark: str, device: str) -> str:
         "per_sample_conv": "Per-sample convolution",
         "branch_mix": "BranchMixConv",
         "kernel_mixing": "Kernel mixing",
+        "xla_floor": "XLA's floor",
     }[benchmark]
     parts = [part for part in text.split("\n### ") if part.startswith(title) and f"({device})\n" in part]
     assert len(parts) == 1, f"expected one {benchmark} ({device}) section"
@@ -130,6 +131,21 @@ def test_per_sample_conv_ratios_from_medians() -> None:
             estimate_ms = vmap["estimated_call_s"] * 1e3
             naive = summary.format_ratio(estimate_ms / median(backward, "jdynconv auto"), estimated=True)
         assert [row[1], row[2], row[4]] == [*expected, naive]
+
+
+def test_xla_floor_ratios_from_medians() -> None:
+    device, payload = load("xla_floor")
+    text = section(committed_summary(), "xla_floor", device)
+    for shape in payload["shapes"]:
+        row = row_starting(text, f"{shape['name']}: {shape['description']}")
+        floor_over_torch, auto_over_floor = [], []
+        for mode in ("fwd", "fwd+bwd"):
+            results = shape["results"][mode]
+            programs = ("XLA shared conv NCHW", "XLA shared conv NHWC", "XLA one matmul")
+            floor = min(median(results, name) for name in programs)
+            floor_over_torch.append(summary.format_ratio(floor / median(results, "torch grouped (per-sample)")))
+            auto_over_floor.append(summary.format_ratio(median(results, "jdynconv auto (per-sample)") / floor))
+        assert row[1:] == [*floor_over_torch, *auto_over_floor]
 
 
 def test_per_sample_conv_marks_estimates() -> None:

@@ -1,0 +1,231 @@
+"""How fast does XLA:CPU run a convolution of this size at all? A reference for the per-sample conv.
+
+For each shape of ``benchmarks/per_sample_conv.py`` this times two programs that do the per-sample
+conv's FLOPs with less work around them, next to PyTorch's per-sample grouped conv and jdynconv:
+
+* XLA's own ``lax.conv_general_dilated`` with ONE kernel for the whole batch (an ordinary conv, less
+  memory traffic than B kernels), in both layouts (NCHW/OIHW as PyTorch, NHWC/HWIO as Flax);
+* ONE unbatched matmul with the same FLOPs as the im2col contraction, ``(B * positions, K * K * C_in)
+  @ (K * K * C_in, C_out)``, on ready-made patches (no patch building, no per-sample kernels).
+
+The reference is the fastest of the three. It is not a proof of a bound: another algorithm could beat
+both. But where PyTorch's per-sample conv is faster than the reference, a lowering to XLA:CPU's conv or
+matmul would have to beat XLA's own dense conv and dense matmul of the same size to match PyTorch.
+
+The reference programs compute different functions from the per-sample conv, so they are not checked
+against PyTorch; they are timed on arrays of the same shapes, with a cotangent in the fwd+bwd pass
+(gradients with respect to both operands).
+
+    PYTHONPATH=. python benchmarks/xla_floor.py                  # -> benchmarks/results/xla_floor_cpu.*
+    PYTHONPATH=. python benchmarks/xla_floor.py --shapes 2d-a --rounds 5 --out /tmp/floor
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from _timing import (
+    Call,
+    environment_metadata,
+    format_ms,
+    format_ratio,
+    inner_calls,
+    interleaved_medians,
+    markdown_table,
+    plot_ratio_bars,
+    time_calls,
+    write_json,
+)
+from per_sample_conv import MODES, Problem, Shape, build_jdynconv, build_torch, select_shapes
+
+DEFAULT_ROUNDS = 11
+QUICK_ROUNDS = 3
+MIN_SAMPLE_S = 0.02
+QUICK_MIN_SAMPLE_S = 0.005
+TORCH = "torch grouped (per-sample)"
+SUBJECT = "jdynconv auto (per-sample)"
+FLOORS = ("XLA shared conv NCHW", "XLA shared conv NHWC", "XLA one matmul")
+
+
+def shared_conv_call(problem: Problem, mode: str, channels_last: bool) -> Call:
+    """XLA's ordinary conv of the whole batch with sample 0's kernel."""
+    shape = problem.shape
+    n = shape.num_spatial
+    inputs, kernels, cotangent = problem.jax_arrays()
+    kernel = kernels[0]  # (O, I, *K)
+    if channels_last:
+        inputs = jnp.moveaxis(inputs, 1, -1)
+        kernel = jnp.moveaxis(kernel, (0, 1), (-1, -2))
+        cotangent = jnp.moveaxis(cotangent, 1, -1)
+    spatial = "DHW"[-n:]
+    numbers = (
+        (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+        if channels_last
+        else (f"NC{spatial}", f"OI{spatial}", f"NC{spatial}")
+    )
+    inputs, kernel, cotangent = (jax.block_until_ready(a + 0) for a in (inputs, kernel, cotangent))  # laid out once
+
+    def conv(x: jax.Array, w: jax.Array) -> jax.Array:
+        return jax.lax.conv_general_dilated(
+            x,
+            w,
+            (shape.stride,) * n,
+            ((shape.padding, shape.padding),) * n,
+            dimension_numbers=numbers,
+            precision=jax.lax.Precision.HIGHEST,
+        )
+
+    if mode == "fwd":
+        forward = jax.jit(conv)
+        return lambda: jax.block_until_ready(forward(inputs, kernel))
+    grads = jax.jit(jax.grad(lambda x, w, g: jnp.sum(conv(x, w) * g), argnums=(0, 1)))
+    return lambda: jax.block_until_ready(grads(inputs, kernel, cotangent))
+
+
+def one_matmul_call(problem: Problem, mode: str) -> Call:
+    """One unbatched matmul with the im2col contraction's FLOPs, on random patches of its shape."""
+    shape = problem.shape
+    rows = shape.batch * math.prod(shape.out_spatial)
+    depth = shape.in_channels * shape.kernel**shape.num_spatial
+    rng = np.random.default_rng(0)
+    patches, kernel, cotangent = (
+        jax.device_put(rng.standard_normal(size, dtype=np.float32))
+        for size in ((rows, depth), (depth, shape.out_channels), (rows, shape.out_channels))
+    )
+
+    def matmul(a: jax.Array, w: jax.Array) -> jax.Array:
+        return jax.lax.dot(a, w, precision=jax.lax.Precision.HIGHEST)
+
+    if mode == "fwd":
+        forward = jax.jit(matmul)
+        return lambda: jax.block_until_ready(forward(patches, kernel))
+    grads = jax.jit(jax.grad(lambda a, w, g: jnp.sum(matmul(a, w) * g), argnums=(0, 1)))
+    return lambda: jax.block_until_ready(grads(patches, kernel, cotangent))
+
+
+def bench_shape(index: int, shape: Shape, rounds: int, min_sample_s: float) -> dict[str, Any]:
+    problem = Problem.random(shape, seed=index)
+    calls: dict[str, Call] = {}
+    for mode in MODES:
+        calls[f"{TORCH} [{mode}]"] = build_torch("grouped", torch.device("cpu"), problem, mode)
+        calls[f"{SUBJECT} [{mode}]"] = build_jdynconv("auto", problem, mode)
+        calls[f"{FLOORS[0]} [{mode}]"] = shared_conv_call(problem, mode, channels_last=False)
+        calls[f"{FLOORS[1]} [{mode}]"] = shared_conv_call(problem, mode, channels_last=True)
+        calls[f"{FLOORS[2]} [{mode}]"] = one_matmul_call(problem, mode)
+    inner = {}
+    for name, call in calls.items():
+        call()  # compile and warm up
+        inner[name] = inner_calls(call, time_calls(call, 1), min_sample_s)
+    stats = interleaved_medians(calls, inner, rounds, seed=index)
+    results: dict[str, dict[str, Any]] = {mode: {} for mode in MODES}
+    for key, value in stats.items():
+        name, mode = key.removesuffix("]").rsplit(" [", 1)
+        results[mode][name] = {"status": "ok", "median_ms": value.median_s * 1e3, "inner": value.inner}
+    ratios = {mode: floor_ratios(results[mode]) for mode in MODES}
+    print(f"[{shape.label}] {ratios}", file=sys.stderr, flush=True)
+    return {"name": shape.name, "description": shape.description, "results": results, "ratios": ratios}
+
+
+def floor_ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    floor_ms = min(results[floor]["median_ms"] for floor in FLOORS)
+    torch_ms, auto_ms = results[TORCH]["median_ms"], results[SUBJECT]["median_ms"]
+    return {
+        "floor / torch": floor_ms / torch_ms,
+        "auto / torch": auto_ms / torch_ms,
+        "auto / floor": auto_ms / floor_ms,
+    }
+
+
+def report(metadata: dict[str, Any], shapes: Sequence[dict[str, Any]]) -> str:
+    names = [TORCH, SUBJECT, *FLOORS]
+    headers = ["shape", "pass", *(f"{name} (ms)" for name in names), "floor / torch", "auto / floor"]
+    rows = [
+        [
+            f"{shape['name']}: {shape['description']}" if mode == MODES[0] else "",
+            mode,
+            *(format_ms(shape["results"][mode][name]["median_ms"] / 1e3) for name in names),
+            format_ratio(shape["ratios"][mode]["floor / torch"]),
+            format_ratio(shape["ratios"][mode]["auto / floor"]),
+        ]
+        for shape in shapes
+        for mode in MODES
+    ]
+    return "\n".join(
+        [
+            "# XLA's floor: a shared-kernel conv vs PyTorch's per-sample grouped conv",
+            "",
+            f"- date: {metadata['date']}; CPU: {metadata['cpu']} ({metadata['cpu_count']} logical cores); "
+            f"jax {metadata['jax']} / jaxlib {metadata['jaxlib']}, backend {metadata['jax_backend']}; "
+            f"torch {metadata.get('torch')}, torch threads {metadata.get('torch_num_threads')}",
+            f"- float32, precision highest; {metadata['rounds']} interleaved rounds, medians",
+            "- floor = the fastest of XLA's conv with ONE kernel for the whole batch (NCHW, NHWC) and ONE unbatched"
+            " matmul of the im2col contraction's size: the per-sample conv's FLOPs with less work around them."
+            " floor / torch > 1: to match PyTorch there, a lowering to XLA:CPU's conv or matmul would have to beat"
+            " XLA's own dense conv and matmul of the same size (a reference, not a proof of a bound)",
+            "",
+            markdown_table(headers, rows),
+            "",
+        ]
+    )
+
+
+def write_reports(out_dir: Path, metadata: dict[str, Any], shapes: Sequence[dict[str, Any]]) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"xla_floor_{metadata['jax_backend']}"
+    paths = [stem.with_suffix(f".{ext}") for ext in ("json", "md", "png")]
+    write_json(paths[0], {"benchmark": "xla_floor", "metadata": metadata, "shapes": list(shapes)})
+    paths[1].write_text(report(metadata, shapes))
+    plot_ratio_bars(
+        paths[2],
+        groups=[shape["name"] for shape in shapes],
+        panels={
+            mode: {
+                label: [shape["ratios"][mode][key] for shape in shapes]
+                for label, key in (("XLA shared conv (floor)", "floor / torch"), ("jdynconv auto", "auto / torch"))
+            }
+            for mode in MODES
+        },
+        title=f"XLA's floor vs PyTorch per-sample grouped conv ({metadata['device_kind']}, jax {metadata['jax']}, "
+        f"torch {metadata.get('torch')}, {metadata['date'][:10]})",
+        ylabel="time / PyTorch grouped conv (log scale)",
+        highlight="XLA shared conv (floor)",
+    )
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke test: 3 rounds, shapes seed and 2d-a")
+    parser.add_argument("--shapes", nargs="+", help="names or indices of per_sample_conv.py's shapes (default: all)")
+    parser.add_argument("--rounds", type=int, help=f"timed rounds (default {DEFAULT_ROUNDS}, {QUICK_ROUNDS} quick)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    jax.config.update("jax_default_matmul_precision", "highest")
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
+    metadata = environment_metadata() | {
+        "torch_device": "cpu",
+        "rounds": rounds,
+        "quick": args.quick,
+        "command": " ".join(sys.argv),
+    }
+    start = time.perf_counter()
+    min_sample_s = QUICK_MIN_SAMPLE_S if args.quick else MIN_SAMPLE_S
+    shapes = [bench_shape(i, shape, rounds, min_sample_s) for i, shape in select_shapes(args.shapes, args.quick)]
+    paths = write_reports(args.out, metadata, shapes)
+    print(paths[1].read_text())
+    print(f"Wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.0f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
