@@ -12,6 +12,17 @@ The reference is the fastest of the three. It is not a proof of a bound: another
 both. But where PyTorch's per-sample conv is faster than the reference, a lowering to XLA:CPU's conv or
 matmul would have to beat XLA's own dense conv and dense matmul of the same size to match PyTorch.
 
+For the forward pass it also times the contraction an im2col lowering cannot avoid, with per-sample
+kernels but on ready-made patches (no patch building): ``B`` unbatched matmuls ``(positions, K * K *
+C_in) @ (K * K * C_in, C_out)`` one sample at a time (``lax.map``), and the same as one batched
+``dot_general``. The "im2col core" is the faster of the two; where it alone is slower than PyTorch's
+per-sample forward, no im2col lowering on XLA:CPU can match PyTorch's forward there. (Not for fwd+bwd:
+the gradient of ready-made patches is a ``(B, positions, K * K * C_in)`` array that a real lowering
+never builds, so timing it would overstate the work.)
+
+Besides the per-sample benchmark's shapes it runs ``mix-2d``, the convolution inside
+``benchmarks/kernel_mixing.py``'s CondConv and DynamicConv layers (B64, 64 -> 64 channels, 32x32, 3x3).
+
 The reference programs compute different functions from the per-sample conv, so they are not checked
 against PyTorch; they are timed on arrays of the same shapes, with a cotangent in the fwd+bwd pass
 (gradients with respect to both operands).
@@ -46,7 +57,7 @@ from _timing import (
     time_calls,
     write_json,
 )
-from per_sample_conv import MODES, Problem, Shape, build_jdynconv, build_torch, select_shapes
+from per_sample_conv import MODES, SHAPES, Problem, Shape, build_jdynconv, build_torch, select_shapes
 
 DEFAULT_ROUNDS = 11
 QUICK_ROUNDS = 3
@@ -55,6 +66,10 @@ QUICK_MIN_SAMPLE_S = 0.005
 TORCH = "torch grouped (per-sample)"
 SUBJECT = "jdynconv auto (per-sample)"
 FLOORS = ("XLA shared conv NCHW", "XLA shared conv NHWC", "XLA one matmul")
+CORES = ("XLA per-sample matmuls", "XLA batched matmul")
+RATIO_KEYS = ("floor / torch", "im2col core / torch", "auto / floor")
+# The convolution of kernel_mixing.py's CondConv/DynamicConv cases, as a per-sample conv shape.
+EXTRA_SHAPES = (Shape("mix-2d", 64, 64, 64, (32, 32), 3, 1, 1),)
 
 
 def shared_conv_call(problem: Problem, mode: str, channels_last: bool) -> Call:
@@ -113,6 +128,30 @@ def one_matmul_call(problem: Problem, mode: str) -> Call:
     return lambda: jax.block_until_ready(grads(patches, kernel, cotangent))
 
 
+def per_sample_matmuls_call(problem: Problem, batched: bool) -> Call:
+    """The im2col contraction's forward with per-sample kernels on random ready-made patches: ``B`` unbatched
+    matmuls one sample at a time (``lax.map``, as jdynconv's im2col runs large ones), or one batched one."""
+    shape = problem.shape
+    positions = math.prod(shape.out_spatial)
+    depth = shape.in_channels * shape.kernel**shape.num_spatial
+    rng = np.random.default_rng(0)
+    patches, kernels = (
+        jax.device_put(rng.standard_normal(size, dtype=np.float32))
+        for size in ((shape.batch, positions, depth), (shape.batch, depth, shape.out_channels))
+    )
+
+    def matmul(a: jax.Array, w: jax.Array) -> jax.Array:
+        return jax.lax.dot(a, w, precision=jax.lax.Precision.HIGHEST)
+
+    def matmuls(a: jax.Array, w: jax.Array) -> jax.Array:
+        if batched:
+            return jax.vmap(matmul)(a, w)
+        return jax.lax.map(lambda pair: matmul(*pair), (a, w))
+
+    forward = jax.jit(matmuls)
+    return lambda: jax.block_until_ready(forward(patches, kernels))
+
+
 def bench_shape(index: int, shape: Shape, rounds: int, min_sample_s: float) -> dict[str, Any]:
     problem = Problem.random(shape, seed=index)
     calls: dict[str, Call] = {}
@@ -122,6 +161,8 @@ def bench_shape(index: int, shape: Shape, rounds: int, min_sample_s: float) -> d
         calls[f"{FLOORS[0]} [{mode}]"] = shared_conv_call(problem, mode, channels_last=False)
         calls[f"{FLOORS[1]} [{mode}]"] = shared_conv_call(problem, mode, channels_last=True)
         calls[f"{FLOORS[2]} [{mode}]"] = one_matmul_call(problem, mode)
+    for core, batched in zip(CORES, (False, True), strict=True):
+        calls[f"{core} [fwd]"] = per_sample_matmuls_call(problem, batched)
     inner = {}
     for name, call in calls.items():
         call()  # compile and warm up
@@ -136,26 +177,38 @@ def bench_shape(index: int, shape: Shape, rounds: int, min_sample_s: float) -> d
     return {"name": shape.name, "description": shape.description, "results": results, "ratios": ratios}
 
 
-def floor_ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+def floor_ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     floor_ms = min(results[floor]["median_ms"] for floor in FLOORS)
+    cores_ms = [results[core]["median_ms"] for core in CORES if core in results]
     torch_ms, auto_ms = results[TORCH]["median_ms"], results[SUBJECT]["median_ms"]
     return {
         "floor / torch": floor_ms / torch_ms,
+        "im2col core / torch": min(cores_ms) / torch_ms if cores_ms else None,
         "auto / torch": auto_ms / torch_ms,
         "auto / floor": auto_ms / floor_ms,
     }
 
 
+def program_seconds(results: dict[str, dict[str, Any]], name: str) -> float | None:
+    return results[name]["median_ms"] / 1e3 if name in results else None
+
+
 def report(metadata: dict[str, Any], shapes: Sequence[dict[str, Any]]) -> str:
-    names = [TORCH, SUBJECT, *FLOORS]
-    headers = ["shape", "pass", *(f"{name} (ms)" for name in names), "floor / torch", "auto / floor"]
+    names = [TORCH, SUBJECT, *FLOORS, *CORES]
+    headers = [
+        "shape",
+        "pass",
+        *(f"{name} (ms)" for name in names),
+        "floor / torch",
+        "im2col core / torch",
+        "auto / floor",
+    ]
     rows = [
         [
             f"{shape['name']}: {shape['description']}" if mode == MODES[0] else "",
             mode,
-            *(format_ms(shape["results"][mode][name]["median_ms"] / 1e3) for name in names),
-            format_ratio(shape["ratios"][mode]["floor / torch"]),
-            format_ratio(shape["ratios"][mode]["auto / floor"]),
+            *(format_ms(program_seconds(shape["results"][mode], name)) for name in names),
+            *(format_ratio(shape["ratios"][mode][key]) for key in RATIO_KEYS),
         ]
         for shape in shapes
         for mode in MODES
@@ -172,6 +225,11 @@ def report(metadata: dict[str, Any], shapes: Sequence[dict[str, Any]]) -> str:
             " matmul of the im2col contraction's size: the per-sample conv's FLOPs with less work around them."
             " floor / torch > 1: to match PyTorch there, a lowering to XLA:CPU's conv or matmul would have to beat"
             " XLA's own dense conv and matmul of the same size (a reference, not a proof of a bound)",
+            "- im2col core = the faster of B unbatched per-sample matmuls (lax.map) and one batched matmul of the"
+            " im2col contraction on ready-made patches, forward only: the matmul work of any im2col lowering, without"
+            " building patches. im2col core / torch > 1: no im2col lowering on XLA:CPU matches PyTorch's forward"
+            " there",
+            "- mix-2d is the convolution inside benchmarks/kernel_mixing.py's CondConv and DynamicConv layers",
             "",
             markdown_table(headers, rows),
             "",
@@ -191,7 +249,11 @@ def write_reports(out_dir: Path, metadata: dict[str, Any], shapes: Sequence[dict
         panels={
             mode: {
                 label: [shape["ratios"][mode][key] for shape in shapes]
-                for label, key in (("XLA shared conv (floor)", "floor / torch"), ("jdynconv auto", "auto / torch"))
+                for label, key in (
+                    ("XLA shared conv (floor)", "floor / torch"),
+                    ("XLA im2col core", "im2col core / torch"),
+                    ("jdynconv auto", "auto / torch"),
+                )
             }
             for mode in MODES
         },
@@ -203,10 +265,23 @@ def write_reports(out_dir: Path, metadata: dict[str, Any], shapes: Sequence[dict
     return paths
 
 
+def choose_shapes(tokens: Sequence[str] | None, quick: bool) -> list[tuple[int, Shape]]:
+    """per_sample_conv.py's shape selection plus ``EXTRA_SHAPES`` by name; without names, the full run
+    (not ``--quick``) takes all of both."""
+    extra_names = [shape.name for shape in EXTRA_SHAPES]
+    requested = [part for raw in tokens or () for part in raw.split(",") if part]
+    standard = [token for token in requested if token not in extra_names]
+    chosen = select_shapes(standard, quick) if standard or not requested else []
+    wanted = set(requested) if requested else (set() if quick else set(extra_names))
+    return chosen + [(len(SHAPES) + i, shape) for i, shape in enumerate(EXTRA_SHAPES) if shape.name in wanted]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 3 rounds, shapes seed and 2d-a")
-    parser.add_argument("--shapes", nargs="+", help="names or indices of per_sample_conv.py's shapes (default: all)")
+    parser.add_argument(
+        "--shapes", nargs="+", help="names of per_sample_conv.py's shapes or mix-2d (default: all of them)"
+    )
     parser.add_argument("--rounds", type=int, help=f"timed rounds (default {DEFAULT_ROUNDS}, {QUICK_ROUNDS} quick)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
@@ -220,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     start = time.perf_counter()
     min_sample_s = QUICK_MIN_SAMPLE_S if args.quick else MIN_SAMPLE_S
-    shapes = [bench_shape(i, shape, rounds, min_sample_s) for i, shape in select_shapes(args.shapes, args.quick)]
+    shapes = [bench_shape(i, shape, rounds, min_sample_s) for i, shape in choose_shapes(args.shapes, args.quick)]
     paths = write_reports(args.out, metadata, shapes)
     print(paths[1].read_text())
     print(f"Wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.0f} s.")
