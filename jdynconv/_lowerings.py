@@ -16,9 +16,10 @@ where it has one.
   its backward is slow.
 * ``im2col``: gather the ``prod(kernel_size)`` shifted views of the padded input and contract them
   with the kernels. Forward and both gradients are matmuls, so its fwd+bwd is the fastest on CPU.
-  Large per-sample matmuls (G = 1) run one sample at a time, a ``lax.map`` of unbatched matmuls,
-  which XLA:CPU runs ~3.8x faster than the batched form; small ones in batched chunks sized so each
-  chunk's patches stay in cache. When the batch is split, patches are recomputed in the backward pass.
+  Large per-sample matmuls (G = 1) run two samples a step (a ``lax.map`` of matmuls batched over 2),
+  never the whole batch in one batched matmul, which XLA:CPU runs ~3.8x slower; small ones in batched
+  chunks sized so each chunk's patches stay in cache. When the batch is split, patches are recomputed
+  in the backward pass.
 * ``hybrid``: values from ``grouped``, derivatives from ``im2col`` (a custom JVP), for backends whose
   grouped conv is fast but whose batch-group kernel gradient is not (GPU).
 * ``auto``: see :func:`choose_lowering`.
@@ -162,9 +163,10 @@ def _contract_kwargs(spec: ConvSpec) -> dict[str, Any]:
 def conv_im2col_sample(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
     """One sample's patches contracted with its kernel: ``(*S, C), (*k, C // G, O) -> (*out, O)``.
 
-    Unbatched on purpose: XLA:CPU hands an unbatched matmul to its fast GEMM (measured 345 GFLOP/s on
-    2 cores for 8192x2304x256) and a batched one to a slower path (91 GFLOP/s for the same FLOPs as
-    128 matmuls of 64x2304x256), so large per-sample matmuls run fastest one sample at a time.
+    Unbatched, so a caller picks the batching: XLA:CPU hands an unbatched matmul to its fast GEMM
+    (measured 345 GFLOP/s on 2 cores for 8192x2304x256) and a batched one to a slower path (91 GFLOP/s
+    for the same FLOPs as 128 matmuls of 64x2304x256), so large per-sample matmuls never run as one
+    batched matmul over the whole batch.
     """
     *kernel_size, group_in, out_channels = kernels.shape
     groups = spec.feature_group_count
@@ -214,10 +216,18 @@ def conv_im2col(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Ar
 # CPU cores (1 MiB L2 each): 1 to 4 MiB chunks were fastest for 1-D, 2-D and 3-D shapes.
 _CHUNK_BYTES = 2 * 1024 * 1024
 
-# From this many multiply-adds per sample (G = 1), one unbatched matmul per sample beats batched chunks on
-# XLA:CPU (2 cores): 0.4x-0.6x the time at 2.6M-38M per sample, within +-15% at 0.05M-1.6M either
-# way, and 1.6x-1.9x slower below 0.01M, where the loop's per-step cost dominates.
+# From this many multiply-adds per sample (G = 1), a few samples a step beat cache-sized batched chunks on
+# XLA:CPU (2 cores): one sample a step took 0.4x-0.6x the time at 2.6M-38M per sample, was within +-15%
+# at 0.05M-1.6M either way, and 1.6x-1.9x slower below 0.01M, where the loop's per-step cost dominates.
 _PER_SAMPLE_MATMUL_MACS = 1 << 20
+
+# How many such samples a step. Two rather than one (2 cores, jax 0.10.2, both layouts, fwd, fwd+bwd
+# and fwd + kernel gradient, 2026-11-21): 2d-a (B64, 32 channels, 32x32) fwd 8.1-8.6 vs 11.5-12.9 ms and
+# fwd + kernel gradient 17.9-18.8 vs 26.2-26.5 ms; 3d-a channels-last fwd 10.1 vs 15.1 ms; 1d-a fwd+bwd
+# 4.8-4.9 vs 5.2-5.4 ms; 1d-b forward 7.2-7.9 vs 8.8-9.8 ms; within noise on 2d-b, 2d-c and the kernel-mixing
+# conv (B64, 64 channels, 32x32), except its channels-last fwd+bwd (84 vs 73 ms). Four were slower
+# again on 3d-a, 2d-c and the kernel-mixing conv. Fewer, cheaper loop steps, each spread over both cores.
+_LARGE_MATMUL_SAMPLES_PER_STEP = 2
 
 
 def chunk_size(batch: int, bytes_per_sample: int) -> int:
@@ -226,9 +236,9 @@ def chunk_size(batch: int, bytes_per_sample: int) -> int:
 
 
 def im2col_chunk_size(batch: int, macs_per_sample: int, patch_bytes_per_sample: int) -> int:
-    """How many samples the im2col lowering contracts at once; 1 means one matmul each."""
+    """How many samples the im2col lowering contracts at once (one batched matmul per step)."""
     if macs_per_sample >= _PER_SAMPLE_MATMUL_MACS:
-        return 1
+        return min(batch, _LARGE_MATMUL_SAMPLES_PER_STEP)
     return chunk_size(batch, patch_bytes_per_sample)
 
 
@@ -245,7 +255,7 @@ def _map_over_chunks(
     macs = patch_size * group_in * out_channels if spec.feature_group_count == 1 else 0
     chunk = im2col_chunk_size(inputs.shape[0], macs, patch_size * in_channels * inputs.dtype.itemsize)
     body = jax.checkpoint(lambda pair: sample_fn(pair[0], pair[1], spec))
-    if chunk == 1:  # also for a batch of 1: its matmul then stays unbatched
+    if chunk == 1:  # a batch of 1 or a tiny cache: unbatched matmuls, one sample a step
         return lax.map(body, (inputs, kernels))
     if chunk >= inputs.shape[0]:
         return jax.vmap(sample_fn, in_axes=(0, 0, None))(inputs, kernels, spec)
@@ -253,7 +263,7 @@ def _map_over_chunks(
 
 
 def conv_im2col_chunked(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
-    """The ``im2col`` lowering: large per-sample matmuls one sample at a time, small ones in chunks."""
+    """The ``im2col`` lowering: large per-sample matmuls two samples a step, small ones in larger chunks."""
     return _map_over_chunks(conv_im2col_sample, inputs, kernels, spec, channels_first=False)
 
 
