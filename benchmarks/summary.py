@@ -423,8 +423,9 @@ def xla_floor_section(payload: Mapping[str, Any]) -> list[str]:
         "PyTorch's per-sample grouped conv. Above 1 in the first two columns: to match PyTorch there, a lowering "
         "to XLA:CPU's conv or matmul would have to beat XLA's own dense conv and matmul of the same size. "
         "im2col core = the faster of B unbatched per-sample matmuls and one batched matmul of the im2col "
-        "contraction on ready-made patches (forward): above 1, no im2col lowering on XLA:CPU matches PyTorch's "
-        "forward there. mix-2d is the convolution inside the CondConv/DynamicConv benchmark.",
+        "contraction on ready-made patches (forward; jdynconv runs two samples a step, not timed here): above 1, "
+        "neither batching matches PyTorch's forward there. mix-2d is the convolution inside the CondConv/DynamicConv "
+        "benchmark.",
     ]
 
 

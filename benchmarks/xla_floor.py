@@ -16,7 +16,8 @@ For the forward pass it also times the contraction an im2col lowering cannot avo
 kernels but on ready-made patches (no patch building): ``B`` unbatched matmuls ``(positions, K * K *
 C_in) @ (K * K * C_in, C_out)`` one sample at a time (``lax.map``), and the same as one batched
 ``dot_general``. The "im2col core" is the faster of the two; where it alone is slower than PyTorch's
-per-sample forward, no im2col lowering on XLA:CPU can match PyTorch's forward there. (Not for fwd+bwd:
+per-sample forward, neither batching of the contraction matches PyTorch's forward there. (jdynconv's
+im2col runs two samples a step, which this does not time.) (Not for fwd+bwd:
 the gradient of ready-made patches is a ``(B, positions, K * K * C_in)`` array that a real lowering
 never builds, so timing it would overstate the work.)
 
@@ -130,7 +131,7 @@ def one_matmul_call(problem: Problem, mode: str) -> Call:
 
 def per_sample_matmuls_call(problem: Problem, batched: bool) -> Call:
     """The im2col contraction's forward with per-sample kernels on random ready-made patches: ``B`` unbatched
-    matmuls one sample at a time (``lax.map``, as jdynconv's im2col runs large ones), or one batched one."""
+    matmuls one sample at a time (``lax.map``), or one batched matmul over the whole batch."""
     shape = problem.shape
     positions = math.prod(shape.out_spatial)
     depth = shape.in_channels * shape.kernel**shape.num_spatial
@@ -227,8 +228,8 @@ def report(metadata: dict[str, Any], shapes: Sequence[dict[str, Any]]) -> str:
             " XLA's own dense conv and matmul of the same size (a reference, not a proof of a bound)",
             "- im2col core = the faster of B unbatched per-sample matmuls (lax.map) and one batched matmul of the"
             " im2col contraction on ready-made patches, forward only: the matmul work of any im2col lowering, without"
-            " building patches. im2col core / torch > 1: no im2col lowering on XLA:CPU matches PyTorch's forward"
-            " there",
+            " building patches (not two samples a step, as jdynconv runs). im2col core / torch > 1: neither batching"
+            " matches PyTorch's forward there",
             "- mix-2d is the convolution inside benchmarks/kernel_mixing.py's CondConv and DynamicConv layers",
             "",
             markdown_table(headers, rows),

@@ -16,9 +16,9 @@ where it has one.
   its backward is slow.
 * ``im2col``: gather the ``prod(kernel_size)`` shifted views of the padded input and contract them
   with the kernels. Forward and both gradients are matmuls, so its fwd+bwd is the fastest on CPU.
-  Large per-sample matmuls (G = 1) run two samples a step (a ``lax.map`` of matmuls batched over 2),
-  never the whole batch in one batched matmul, which XLA:CPU runs ~3.8x slower; small ones in batched
-  chunks sized so each chunk's patches stay in cache. When the batch is split, patches are recomputed
+  Large per-sample matmuls (G = 1) run two samples a step (a ``lax.map`` of matmuls batched over 2);
+  a matmul batched over many large samples ran ~3.8x slower at 2d-c-like sizes; small ones run in
+  batched chunks sized so each chunk's patches stay in cache. When the batch is split, patches are recomputed
   in the backward pass.
 * ``hybrid``: values from ``grouped``, derivatives from ``im2col`` (a custom JVP), for backends whose
   grouped conv is fast but whose batch-group kernel gradient is not (GPU).
@@ -164,9 +164,8 @@ def conv_im2col_sample(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) ->
     """One sample's patches contracted with its kernel: ``(*S, C), (*k, C // G, O) -> (*out, O)``.
 
     Unbatched, so a caller picks the batching: XLA:CPU hands an unbatched matmul to its fast GEMM
-    (measured 345 GFLOP/s on 2 cores for 8192x2304x256) and a batched one to a slower path (91 GFLOP/s
-    for the same FLOPs as 128 matmuls of 64x2304x256), so large per-sample matmuls never run as one
-    batched matmul over the whole batch.
+    (measured 345 GFLOP/s on 2 cores for 8192x2304x256) and a matmul batched over many samples to a
+    slower path (91 GFLOP/s for the same FLOPs as 128 matmuls of 64x2304x256).
     """
     *kernel_size, group_in, out_channels = kernels.shape
     groups = spec.feature_group_count
@@ -238,7 +237,7 @@ def chunk_size(batch: int, bytes_per_sample: int) -> int:
 def im2col_chunk_size(batch: int, macs_per_sample: int, patch_bytes_per_sample: int) -> int:
     """How many samples the im2col lowering contracts at once (one batched matmul per step)."""
     if macs_per_sample >= _PER_SAMPLE_MATMUL_MACS:
-        return min(batch, _LARGE_MATMUL_SAMPLES_PER_STEP)
+        return max(1, min(batch, _LARGE_MATMUL_SAMPLES_PER_STEP))
     return chunk_size(batch, patch_bytes_per_sample)
 
 
@@ -255,7 +254,7 @@ def _map_over_chunks(
     macs = patch_size * group_in * out_channels if spec.feature_group_count == 1 else 0
     chunk = im2col_chunk_size(inputs.shape[0], macs, patch_size * in_channels * inputs.dtype.itemsize)
     body = jax.checkpoint(lambda pair: sample_fn(pair[0], pair[1], spec))
-    if chunk == 1:  # a batch of 1 or a tiny cache: unbatched matmuls, one sample a step
+    if chunk == 1:  # a batch of 1, or one sample's patches fill a chunk: unbatched, one sample a step
         return lax.map(body, (inputs, kernels))
     if chunk >= inputs.shape[0]:
         return jax.vmap(sample_fn, in_axes=(0, 0, None))(inputs, kernels, spec)
