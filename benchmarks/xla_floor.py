@@ -108,20 +108,22 @@ def shared_conv_call(problem: Problem, mode: str, channels_last: bool) -> Call:
     return lambda: jax.block_until_ready(grads(inputs, kernel, cotangent))
 
 
+def random_arrays(*sizes: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """Standard-normal float32 arrays of these sizes on JAX's device (seeded: every run times the same data)."""
+    rng = np.random.default_rng(0)
+    return tuple(jax.device_put(rng.standard_normal(size, dtype=np.float32)) for size in sizes)
+
+
+def matmul(a: jax.Array, w: jax.Array) -> jax.Array:
+    return jax.lax.dot(a, w, precision=jax.lax.Precision.HIGHEST)
+
+
 def one_matmul_call(problem: Problem, mode: str) -> Call:
     """One unbatched matmul with the im2col contraction's FLOPs, on random patches of its shape."""
     shape = problem.shape
     rows = shape.batch * math.prod(shape.out_spatial)
     depth = shape.in_channels * shape.kernel**shape.num_spatial
-    rng = np.random.default_rng(0)
-    patches, kernel, cotangent = (
-        jax.device_put(rng.standard_normal(size, dtype=np.float32))
-        for size in ((rows, depth), (depth, shape.out_channels), (rows, shape.out_channels))
-    )
-
-    def matmul(a: jax.Array, w: jax.Array) -> jax.Array:
-        return jax.lax.dot(a, w, precision=jax.lax.Precision.HIGHEST)
-
+    patches, kernel, cotangent = random_arrays((rows, depth), (depth, shape.out_channels), (rows, shape.out_channels))
     if mode == "fwd":
         forward = jax.jit(matmul)
         return lambda: jax.block_until_ready(forward(patches, kernel))
@@ -135,14 +137,7 @@ def per_sample_matmuls_call(problem: Problem, batched: bool) -> Call:
     shape = problem.shape
     positions = math.prod(shape.out_spatial)
     depth = shape.in_channels * shape.kernel**shape.num_spatial
-    rng = np.random.default_rng(0)
-    patches, kernels = (
-        jax.device_put(rng.standard_normal(size, dtype=np.float32))
-        for size in ((shape.batch, positions, depth), (shape.batch, depth, shape.out_channels))
-    )
-
-    def matmul(a: jax.Array, w: jax.Array) -> jax.Array:
-        return jax.lax.dot(a, w, precision=jax.lax.Precision.HIGHEST)
+    patches, kernels = random_arrays((shape.batch, positions, depth), (shape.batch, depth, shape.out_channels))
 
     def matmuls(a: jax.Array, w: jax.Array) -> jax.Array:
         if batched:
