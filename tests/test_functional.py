@@ -248,6 +248,56 @@ def _scalar_loss(case: Case, method: str):
     return loss
 
 
+@pytest.fixture
+def reoriented_kernel_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every sample counts as one with many output positions: ``im2col``'s reoriented kernel gradient
+    (a custom JVP) runs on the small test cases, which otherwise take its plain autodiff."""
+    monkeypatch.setattr(_lowerings, "_REORIENTED_KERNEL_GRAD_POSITIONS", 1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_reoriented_kernel_grad_matches_float64_reference(case: Case, reoriented_kernel_grad: None) -> None:
+    x, w, b = _random(case, seed=21)
+    fn = _conv_fn(case, "im2col")
+    out, vjp = jax.vjp(fn, x, w, b)
+    assert_close(out, reference.conv(x, w, b, case.geometry), F32_RTOL)
+    cotangent = np.random.default_rng(22).standard_normal(out.shape).astype(np.float32)
+    ref = reference.conv_vjp(x, w, cotangent, case.geometry, bias_shape=b.shape)
+    for got, want, name in zip(jax.jit(vjp)(cotangent), ref, ("d_inputs", "d_kernels", "d_bias"), strict=True):
+        assert_close(got, want, F32_RTOL, name)
+    # Forward mode: conv is bilinear, d conv = conv(dx, w) + conv(x, dw).
+    dx, dw, _ = _random(case, seed=23)
+    _, tangent = jax.jvp(lambda x, w: jdc.per_sample_conv(x, w, method="im2col", **case.kwargs), (x, w), (dx, dw))
+    expected = reference.conv(dx, w, None, case.geometry) + reference.conv(x, dw, None, case.geometry)
+    assert_close(tangent, expected, F32_RTOL, "jvp")
+
+
+def test_reoriented_kernel_grad_is_the_custom_jvp(reoriented_kernel_grad: None) -> None:
+    """The fixture does switch the path (so the test above can fail): a custom JVP appears in the program."""
+    case = CASES[5]
+    x, w, _ = _random(case, seed=24)
+    jaxpr = jax.make_jaxpr(lambda x, w: jdc.per_sample_conv(x, w, method="im2col", **case.kwargs))(x, w)
+    assert "custom_jvp_call" in str(jaxpr)
+
+
+def test_few_positions_keep_plain_autodiff() -> None:
+    case = CASES[5]  # 4x3 output positions, below the threshold
+    x, w, _ = _random(case, seed=24)
+    jaxpr = jax.make_jaxpr(lambda x, w: jdc.per_sample_conv(x, w, method="im2col", **case.kwargs))(x, w)
+    assert "custom_jvp_call" not in str(jaxpr)
+
+
+def test_nested_grad_through_reoriented_kernel_grad(reoriented_kernel_grad: None) -> None:
+    case = CASES[5]
+    x, w, _ = _random(case, seed=6)
+
+    def grad_norm(loss):
+        return jax.jit(jax.grad(lambda x, w: jnp.sum(jax.grad(loss, argnums=1)(x, w) ** 2)))
+
+    expected = grad_norm(_scalar_loss(case, "vmap"))(x, w)
+    assert_close(grad_norm(_scalar_loss(case, "im2col"))(x, w), expected, 1e-4)
+
+
 @pytest.mark.parametrize("method", ["auto", "im2col", "scan", "hybrid"])
 def test_nested_grad_agrees_with_vmap_reference_semantics(method: str) -> None:
     case = CASES[5]
@@ -367,7 +417,7 @@ def test_fast_gradients_have_no_batch_group_conv(case: Case, method: str) -> Non
 
 
 def test_auto_rule_by_backend() -> None:
-    assert _lowerings.choose_lowering("cpu") is _lowerings.conv_im2col_chunked
+    assert _lowerings.choose_lowering("cpu") is _lowerings.conv_im2col_lowering
     assert _lowerings.choose_lowering("gpu") is _lowerings.conv_grouped_im2col_grad
     assert _lowerings.choose_lowering("tpu") is _lowerings.conv_grouped_im2col_grad
 
