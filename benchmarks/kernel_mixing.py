@@ -23,6 +23,11 @@ training; the cost does not depend on it. jdynconv takes it as a traced argument
 Passes: ``fwd`` is the forward (PyTorch under ``inference_mode``); ``train`` is one training step: loss =
 mean of the squared output, gradients w.r.t. all parameters (not the input), an SGD update (JAX: one
 ``jax.jit`` step with optax.sgd, state donated; PyTorch: ``loss.backward(); opt.step(); opt.zero_grad()``).
+``conv`` is the same training step for the layer's convolution alone: per-sample kernels ``(B, O, I, kh,
+kw)`` and biases ``(B, O)`` are the parameters (no bank, no routing, no mixing), the conv is
+``jdynconv.per_sample_conv`` (``method="auto"``) against PyTorch's grouped conv (``groups = B``), the
+layers' own conv. So ``train`` minus ``conv`` is what routing, mixing and their gradients add to the step,
+in each framework; only ``jdynconv auto`` and the reference run it.
 Before anything is timed, every jdynconv forward is checked against the PyTorch reference's within 1e-4
 relative (``max|a - b| / max|b|``), and for the training step the first loss and the gradients of every
 parameter (converted back to PyTorch's layout) as well. Timing as in branch_mix.py / per_sample_conv.py:
@@ -69,7 +74,8 @@ from _timing import (
 import jdynconv.linen
 from jdynconv._kernel_mix import choose_mixing
 
-MODES = ("fwd", "train")
+MODES = ("fwd", "train", "conv")
+CONV_MODE = "conv"  # the layer's conv alone, its kernels and biases the parameters
 LAYERS = ("CondConv", "DynamicConv")
 MIXINGS = ("auto", "mix_kernels", "mix_outputs")
 JAX_NAMES = tuple(f"jdynconv {mixing}" for mixing in MIXINGS)
@@ -243,6 +249,25 @@ class DynamicConv2d(torch.nn.Module):
         return output.view(batch_size, self.out_planes, output.size(-2), output.size(-1))
 
 
+class GroupedPerSampleConv2d(torch.nn.Module):
+    """The layers' convolution alone, as both references run it: one conv with ``groups = B``, the per-sample
+    kernels ``weight (B * O, I, kh, kw)`` and biases ``bias (B * O,)`` as parameters."""
+
+    def __init__(self, case: Case) -> None:
+        super().__init__()
+        self.batch, self.padding = case.batch, case.torch_padding
+        kernel = (case.kernel, case.kernel)
+        self.weight = torch.nn.Parameter(torch.empty(case.batch * case.features, case.in_channels, *kernel))
+        self.bias = torch.nn.Parameter(torch.empty(case.batch * case.features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        out = F.conv2d(
+            x.reshape(1, batch * channels, height, width), self.weight, self.bias, padding=self.padding, groups=batch
+        )
+        return out.view(batch, -1, out.shape[-2], out.shape[-1])
+
+
 def torch_model(case: Case) -> torch.nn.Module:
     if case.layer == "CondConv":
         return TimmCondConv2d(case.in_channels, case.features, case.kernel, case.num_experts, case.torch_padding)
@@ -265,6 +290,17 @@ def reference_state_dict(case: Case, seed: int) -> StateDict:
             if name.endswith("bias"):
                 tensor.copy_(torch.empty_like(tensor).uniform_(-0.2, 0.2, generator=generator))
     return {name: value.detach().numpy().copy() for name, value in model.state_dict().items()}
+
+
+def conv_state_dict(case: Case, seed: int) -> StateDict:
+    """Per-sample kernels and biases for the ``conv`` pass, scaled as PyTorch's default conv init."""
+    rng = np.random.default_rng(seed)
+    bound = 1 / math.sqrt(case.in_channels * case.kernel**2)
+    kernel_shape = (case.batch * case.features, case.in_channels, case.kernel, case.kernel)
+    return {
+        "weight": rng.uniform(-bound, bound, kernel_shape).astype(np.float32),
+        "bias": rng.uniform(-bound, bound, case.batch * case.features).astype(np.float32),
+    }
 
 
 # --- Weight conversion (by hand) ------------------------------------------------------------------------
@@ -310,16 +346,33 @@ def torch_layout(case: Case, params: Mapping[str, Any]) -> StateDict:
     }
 
 
+def conv_jax_params(case: Case, state: StateDict) -> dict[str, np.ndarray]:
+    """The ``conv`` pass's parameters: ``weight (B * O, I, kh, kw)``
+    -> ``kernels (B, kh, kw, I, O)``, ``bias (B * O,)`` -> ``(B, O)``."""
+    weight = state["weight"].reshape(case.batch, case.features, case.in_channels, case.kernel, case.kernel)
+    return {
+        "kernels": np.ascontiguousarray(weight.transpose(0, 3, 4, 2, 1)),
+        "bias": state["bias"].reshape(case.batch, case.features).copy(),
+    }
+
+
+def conv_torch_layout(case: Case, params: Mapping[str, Any]) -> StateDict:
+    """The inverse of :func:`conv_jax_params` (for gradients)."""
+    kernels = np.asarray(params["kernels"]).transpose(0, 4, 3, 1, 2)  # (B, O, I, kh, kw)
+    return {"weight": kernels.reshape(-1, *kernels.shape[2:]), "bias": np.asarray(params["bias"]).reshape(-1)}
+
+
 # --- Problems and competitors ---------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Problem:
-    """One case's input (float32, NCHW) and the reference's initial weights."""
+    """One case's input (float32, NCHW), the reference's initial weights and the ``conv`` pass's."""
 
     case: Case
     x_nchw: np.ndarray
     state: StateDict
+    conv_state: StateDict
 
     @classmethod
     def random(cls, case: Case, seed: int) -> Problem:
@@ -328,7 +381,7 @@ class Problem:
         # Per-(sample, channel) offsets make the pooled routing input O(1), so routings differ per sample.
         x = rng.standard_normal(shape, dtype=np.float32)
         x += rng.standard_normal((case.batch, case.in_channels, 1, 1), dtype=np.float32)
-        return cls(case, x, reference_state_dict(case, seed))
+        return cls(case, x, reference_state_dict(case, seed), conv_state_dict(case, seed))
 
     def jax_input(self) -> jax.Array:
         return jax.device_put(np.ascontiguousarray(self.x_nchw.transpose(0, 2, 3, 1)))  # NHWC
@@ -360,12 +413,18 @@ def jax_module(case: Case, mixing: str) -> nn.Module:
 def build_jax(mixing: str, problem: Problem, mode: str) -> Built:
     case = problem.case
     module = jax_module(case, mixing)
+    if mode == CONV_MODE:
+        initial, to_torch = conv_jax_params(case, problem.conv_state), conv_torch_layout
+    else:
+        initial, to_torch = jax_params(case, problem.state), torch_layout
     # Fresh device copies: one competitor's donated buffers are never another's.
-    params = {name: jnp.array(value, copy=True) for name, value in jax_params(case, problem.state).items()}
+    params = {name: jnp.array(value, copy=True) for name, value in initial.items()}
     x = problem.jax_input()
     temperature = jnp.float32(TEMPERATURE)  # traced: one compiled program serves any temperature
 
     def apply(params: Any, inputs: jax.Array, temperature: jax.Array) -> jax.Array:
+        if mode == CONV_MODE:
+            return jdynconv.per_sample_conv(inputs, params["kernels"], params["bias"], padding="SAME")
         if case.layer == "DynamicConv":
             return module.apply({"params": params}, inputs, temperature)
         return module.apply({"params": params}, inputs)
@@ -395,15 +454,17 @@ def build_jax(mixing: str, problem: Problem, mode: str) -> Built:
         return loss
 
     def gradients() -> StateDict:
-        return torch_layout(case, jax.jit(jax.grad(loss_fn))(grad_params, x, temperature))
+        return to_torch(case, jax.jit(jax.grad(loss_fn))(grad_params, x, temperature))
 
     return Built(run_step, gradients)
 
 
 def build_torch(device: torch.device, problem: Problem, mode: str) -> Built:
     case = problem.case
-    model = torch_model(case)
-    model.load_state_dict({name: torch.from_numpy(value.copy()) for name, value in problem.state.items()})
+    model, state = (
+        (GroupedPerSampleConv2d(case), problem.conv_state) if mode == CONV_MODE else (torch_model(case), problem.state)
+    )
+    model.load_state_dict({name: torch.from_numpy(value.copy()) for name, value in state.items()})
     model = model.to(device)
     x = problem.torch_input(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -439,9 +500,12 @@ def build_torch(device: torch.device, problem: Problem, mode: str) -> Built:
     return Built(run_step, gradients)
 
 
-def builders(torch_device: torch.device) -> dict[str, Callable[[Problem, str], Built]]:
-    """The reference first: every other competitor is checked against its result."""
+def builders(torch_device: torch.device, mode: str) -> dict[str, Callable[[Problem, str], Built]]:
+    """The reference first: every other competitor is checked against its result. The ``conv`` pass has no
+    mixing, so only ``jdynconv auto`` (``per_sample_conv``'s ``method="auto"``) runs it."""
     jax_builders = {name: functools.partial(build_jax, mixing) for name, mixing in zip(JAX_NAMES, MIXINGS, strict=True)}
+    if mode == CONV_MODE:
+        jax_builders = {SUBJECT: jax_builders[SUBJECT]}
     return {REFERENCE: functools.partial(build_torch, torch_device), **jax_builders}
 
 
@@ -549,7 +613,7 @@ def bench_case(index: int, case: Case, settings: Settings, torch_device: torch.d
     prepared: dict[tuple[str, str], Prepared] = {}
     for mode in MODES:
         reference: Reference | None = None
-        for name, build in builders(torch_device).items():
+        for name, build in builders(torch_device, mode).items():
             try:
                 entry, result = prepare(build(problem, mode), mode, reference, settings)
             except Exception as error:  # a failing competitor is reported, not fatal
@@ -657,6 +721,31 @@ def target_lines(case_results: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def rest_of_step_ms(case_result: Mapping[str, Any], name: str) -> float | None:
+    """``train`` minus ``conv`` median: what routing, mixing and their gradients add to ``name``'s step."""
+    train, conv = (case_result["results"].get(mode, {}).get(name, {}) for mode in ("train", CONV_MODE))
+    if train.get("status") != "ok" or conv.get("status") != "ok":
+        return None
+    return train["median_ms"] - conv["median_ms"]
+
+
+def breakdown_lines(case_results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each case's training step split into the conv's share and the rest, per framework (medians, so the
+    difference is an estimate)."""
+    lines = []
+    for case in case_results:
+        parts = []
+        for name in (SUBJECT, REFERENCE):
+            rest = rest_of_step_ms(case, name)
+            conv = case["results"].get(CONV_MODE, {}).get(name, {})
+            if rest is None:
+                parts.append(f"{name}: -")
+                continue
+            parts.append(f"{name}: conv {format_ms(conv['median_ms'] / 1e3)} ms + rest {format_ms(rest / 1e3)} ms")
+        lines.append(f"- {case['name']}: " + "; ".join(parts))
+    return lines
+
+
 def header_lines(metadata: Mapping[str, Any], settings: Settings) -> list[str]:
     torch_where = metadata["torch_device"]
     if metadata.get("torch_cuda_device") and torch_where == "cuda":
@@ -674,7 +763,8 @@ def header_lines(metadata: Mapping[str, Any], settings: Settings) -> list[str]:
         f"- {REFERENCE}: CondConv -> {REFERENCE_SOURCES['CondConv']}; DynamicConv -> "
         f"{REFERENCE_SOURCES['DynamicConv']}",
         f"- DynamicConv temperature {TEMPERATURE:g} (end of the 30 -> 1 annealing; traced in jdynconv); "
-        f"fwd: forward only; train: loss = mean(y^2), gradients w.r.t. all parameters, SGD(lr={LEARNING_RATE})",
+        f"fwd: forward only; train: loss = mean(y^2), gradients w.r.t. all parameters, SGD(lr={LEARNING_RATE}); "
+        f"{CONV_MODE}: the same step for the conv alone (per-sample kernels and biases as the parameters)",
         f"- checked before timing: outputs / first losses within {TOLERANCE:g} relative, gradients of every "
         f"parameter within {GRAD_TOLERANCE:g}; ratios: jdynconv time / {REFERENCE} time (< 1: jdynconv faster)",
     ]
@@ -683,6 +773,8 @@ def header_lines(metadata: Mapping[str, Any], settings: Settings) -> list[str]:
 def report_markdown(metadata: Mapping[str, Any], settings: Settings, case_results: Sequence[Mapping[str, Any]]) -> str:
     parts = [*header_lines(metadata, settings), "", "## Median times", "", time_table(case_results)]
     parts += ["", f"## Ratios (/ {REFERENCE})", "", ratio_table(case_results)]
+    parts += ["", f"## Training step = conv ({CONV_MODE} pass) + rest (train - {CONV_MODE})", ""]
+    parts += [*breakdown_lines(case_results)]
     parts += ["", "## Targets", "", *target_lines(case_results), ""]
     return "\n".join(parts)
 
@@ -790,6 +882,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print("## Median times\n\n" + time_table(case_results))
     print(f"\n## Ratios (/ {REFERENCE})\n\n" + ratio_table(case_results))
+    print("\n## Training step = conv + rest\n\n" + "\n".join(breakdown_lines(case_results)))
     print("\n## Targets\n\n" + "\n".join(target_lines(case_results)))
     print(f"\nWrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.0f} s.")
     wrong = [

@@ -348,11 +348,33 @@ KM_OUTPUTS = "jdynconv mix_outputs"
 KM_REFERENCE = "torch reference"
 
 
+def format_ms(seconds: float | None) -> str:
+    return MISSING if seconds is None else f"{seconds * 1e3:.3g}"
+
+
+def rest_of_step_cell(train: Mapping[str, Record], conv: Mapping[str, Record]) -> str:
+    """``train`` minus ``conv`` median, jdynconv / torch, in ms: what routing and mixing add to the step."""
+    cells = []
+    for name in (KM_SUBJECT, KM_REFERENCE):
+        step, alone = median_s(train.get(name)), median_s(conv.get(name))
+        cells.append(format_ms(None if step is None or alone is None else step - alone))
+    return " / ".join(cells)
+
+
 def kernel_mixing_section(payload: Mapping[str, Any]) -> list[str]:
-    headers = ["layer", "k", "auto picked", "fwd: auto / torch", "train: auto / torch", "train: mix_outputs / torch"]
+    headers = [
+        "layer",
+        "k",
+        "auto picked",
+        "fwd: auto / torch",
+        "train: auto / torch",
+        "train: mix_outputs / torch",
+        "conv alone, train: auto / torch",
+        "train - conv alone (ms): jdynconv / torch",
+    ]
     rows = []
     for case in payload.get("cases", []):
-        fwd, train = (case["results"].get(mode, {}) for mode in ("fwd", "train"))
+        fwd, train, conv = (case["results"].get(mode, {}) for mode in ("fwd", "train", "conv"))
         rows.append(
             [
                 case["layer"],
@@ -361,12 +383,17 @@ def kernel_mixing_section(payload: Mapping[str, Any]) -> list[str]:
                 ratio_cell(fwd, KM_SUBJECT, KM_REFERENCE),
                 ratio_cell(train, KM_SUBJECT, KM_REFERENCE),
                 ratio_cell(train, KM_OUTPUTS, KM_REFERENCE),
+                ratio_cell(conv, KM_SUBJECT, KM_REFERENCE),
+                rest_of_step_cell(train, conv),
             ]
         )
     return [
         markdown_table(headers, rows),
         "",
-        "torch = the PyTorch reference implementation; below 1: jdynconv faster.",
+        "torch = the PyTorch reference implementation; below 1: jdynconv faster. conv alone = the same training "
+        "step for the layer's convolution only (per-sample kernels and biases as the parameters: "
+        "`per_sample_conv` vs PyTorch's grouped conv); train - conv alone = what routing, mixing and their "
+        "gradients add to the step (a difference of medians, so an estimate; can come out negative).",
     ]
 
 

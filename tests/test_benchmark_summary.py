@@ -195,15 +195,18 @@ def test_kernel_mixing_ratios_from_medians() -> None:
     device, payload = load("kernel_mixing")
     text = section(committed_summary(), "kernel_mixing", device)
     for case in payload["cases"]:
-        fwd, train = case["results"]["fwd"], case["results"]["train"]
+        fwd, train, conv = (case["results"][mode] for mode in ("fwd", "train", "conv"))
         expected = [
             median(fwd, "jdynconv auto") / median(fwd, "torch reference"),
             median(train, "jdynconv auto") / median(train, "torch reference"),
             median(train, "jdynconv mix_outputs") / median(train, "torch reference"),
+            median(conv, "jdynconv auto") / median(conv, "torch reference"),
         ]
+        rest = [median(train, name) - median(conv, name) for name in ("jdynconv auto", "torch reference")]
         row = row_starting(text, case["layer"], str(case["num_experts"]))
         assert row[2] == case["auto_mixing"]
-        assert row[3:] == [summary.format_ratio(r) for r in expected]
+        assert row[3:7] == [summary.format_ratio(r) for r in expected]
+        assert row[7] == " / ".join(f"{ms:.3g}" for ms in rest)
 
 
 # --- Synthetic results ----------------------------------------------------------------------------------
