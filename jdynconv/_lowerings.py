@@ -19,8 +19,9 @@ where it has one.
   Large per-sample matmuls (G = 1) run two samples a step (a ``lax.map`` of matmuls batched over 2);
   a matmul batched over many large samples ran ~3.8x slower at 2d-c-like sizes; small ones run in
   batched chunks sized so each chunk's patches stay in cache. When the batch is split, patches are recomputed
-  in the backward pass. From 128 output positions a sample, the kernel gradient is contracted from
-  channel-major patches (a custom JVP, :func:`conv_im2col_lowering`), the orientation XLA:CPU runs faster.
+  in the backward pass. Channels last, when the batch is split, G = 1 and a sample has at least 128 output
+  positions, the kernel gradient is contracted from channel-major patches (a custom JVP,
+  :func:`conv_im2col_method`), the orientation XLA:CPU ran faster there.
 * ``hybrid``: values from ``grouped``, derivatives from ``im2col`` (a custom JVP), for backends whose
   grouped conv is fast but whose batch-group kernel gradient is not (GPU).
 * ``auto``: see :func:`choose_lowering`.
@@ -211,11 +212,11 @@ def conv_im2col_sample_kernel_tangent(inputs: jax.Array, kernels: jax.Array, spe
     """:func:`conv_im2col_sample` (same layouts, same values), contracted so its transpose is a fast kernel gradient.
 
     The patches are built channel-major, ``(C * T, positions)`` from the transposed sample, and contracted
-    over their first axis. JAX transposes this (as a function of the kernel) into ``patches^T @ g``:
-    ``(C * T, positions) @ (positions, O)``, both operands contiguous in the contraction. The transpose
-    of :func:`conv_im2col_sample` contracts the ``(positions, T * C)`` patches over their first axis
-    instead, which XLA:CPU ran at 0.6x the speed (B64, 64 -> 64 channels, 32x32, 3x3, two samples a
-    step: 52 vs 31 ms for the matmuls alone on ready-made patches).
+    over their first axis. JAX transposes this (as a function of the kernel) into a contraction of those
+    ``(C * T, positions)`` patches with the cotangent ``(positions, O)`` over positions, the contracted axis
+    the patches' minor one. The transpose of :func:`conv_im2col_sample` contracts its ``(positions, T * C)``
+    patches over their major axis instead, which XLA:CPU ran at 0.6x the speed (B64, 64 -> 64 channels,
+    32x32, 3x3, two samples a step: 52 vs 31 ms for the matmuls alone on ready-made patches).
     """
     *kernel_size, group_in, out_channels = kernels.shape
     groups = spec.feature_group_count
@@ -253,8 +254,9 @@ _PER_SAMPLE_MATMUL_MACS = 1 << 20
 # and fwd + kernel gradient, 2026-11-21): 2d-a (B64, 32 channels, 32x32) fwd 8.1-8.6 vs 11.5-12.9 ms and
 # fwd + kernel gradient 17.9-18.8 vs 26.2-26.5 ms; 3d-a channels-last fwd 10.1 vs 15.1 ms; 1d-a fwd+bwd
 # 4.8-4.9 vs 5.2-5.4 ms; 1d-b forward 7.2-7.9 vs 8.8-9.8 ms; within noise on 2d-b, 2d-c and the kernel-mixing
-# conv (B64, 64 channels, 32x32), except its channels-last fwd+bwd (84 vs 73 ms). Four were slower
-# again on 3d-a, 2d-c and the kernel-mixing conv. Fewer, cheaper loop steps, each spread over both cores.
+# conv (B64, 64 channels, 32x32), except its channels-last fwd+bwd (84 vs 73 ms, measured before that path
+# took the reoriented kernel gradient below). Four were slower again on 3d-a, 2d-c and the kernel-mixing
+# conv. Fewer, cheaper loop steps, each spread over both cores.
 _LARGE_MATMUL_SAMPLES_PER_STEP = 2
 
 
@@ -270,10 +272,8 @@ def im2col_chunk_size(batch: int, macs_per_sample: int, patch_bytes_per_sample: 
     return chunk_size(batch, patch_bytes_per_sample)
 
 
-def _map_over_chunks(
-    sample_fn: Lowering, inputs: jax.Array, kernels: jax.Array, spec: ConvSpec, *, channels_first: bool
-) -> jax.Array:
-    """``sample_fn`` (one sample's conv) over the batch in chunks; patches are recomputed, not stored."""
+def _im2col_chunk(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec, *, channels_first: bool) -> int:
+    """:func:`im2col_chunk_size` for these arguments."""
     kernel_size = kernels.shape[3:] if channels_first else kernels.shape[1:-2]
     spatial = inputs.shape[2:] if channels_first else inputs.shape[1:-1]
     in_channels = inputs.shape[1] if channels_first else inputs.shape[-1]
@@ -281,7 +281,14 @@ def _map_over_chunks(
     patch_size = math.prod(output_spatial_shape(spatial, kernel_size, spec)) * math.prod(kernel_size)
     # Measured for G == 1 only: a grouped contraction is a matmul batched over the groups even per sample.
     macs = patch_size * group_in * out_channels if spec.feature_group_count == 1 else 0
-    chunk = im2col_chunk_size(inputs.shape[0], macs, patch_size * in_channels * inputs.dtype.itemsize)
+    return im2col_chunk_size(inputs.shape[0], macs, patch_size * in_channels * inputs.dtype.itemsize)
+
+
+def _map_over_chunks(
+    sample_fn: Lowering, inputs: jax.Array, kernels: jax.Array, spec: ConvSpec, *, channels_first: bool
+) -> jax.Array:
+    """``sample_fn`` (one sample's conv) over the batch in chunks; patches are recomputed, not stored."""
+    chunk = _im2col_chunk(inputs, kernels, spec, channels_first=channels_first)
     body = jax.checkpoint(lambda pair: sample_fn(pair[0], pair[1], spec))
     if chunk == 1:  # a batch of 1, or one sample's patches fill a chunk: unbatched, one sample a step
         return lax.map(body, (inputs, kernels))
@@ -349,25 +356,34 @@ def with_tangent_lowering(primal: Lowering, tangent: Lowering, kernel_tangent: L
 conv_grouped_im2col_grad = with_tangent_lowering(conv_grouped, conv_im2col)
 
 # im2col both ways, its kernel gradient contracted in the faster orientation. Two loops over the batch in
-# the backward pass (kernel gradient, input gradient) instead of one; the input gradient's needs no
-# patches of the input, so no more patches are built than with one loop.
+# the backward pass (kernel gradient, input gradient) instead of one. When the batch is split, patches
+# are recomputed in the backward pass either way, and the input gradient's loop needs none, so no more
+# patches are built than with one loop; an unsplit batch would build them twice (its plain autodiff
+# keeps the forward's), which is why :func:`reorients_kernel_grad` requires a split.
 conv_im2col_reoriented_kernel_grad = with_tangent_lowering(
     conv_im2col_chunked, conv_im2col_chunked, kernel_tangent=conv_im2col_chunked_kernel_tangent
 )
 
-# From this many output positions per sample the reoriented kernel gradient pays (2 cores, jax 0.10.2,
-# channels last, 2026-11-21, new / old in one process, two runs): fwd + kernel gradient 0.84-0.88 and
-# fwd+bwd 0.81-0.82 at B64, 64 -> 64 channels, 32x32, 3x3; fwd+bwd 0.78-0.85 at 3d-a (512 positions),
-# 0.93-0.96 at 1d-a (128); at 32-64 positions (1d-b, 2d-b, 2d-c) 0.92-1.15, so those keep one loop.
+# From this many output positions per sample the reoriented kernel gradient paid (2 cores, jax 0.10.2,
+# channels last, G = 1, 2026-11-21, new / old in one process, two runs): fwd + kernel gradient 0.84-0.88
+# and fwd+bwd 0.81-0.82 at B64, 64 -> 64 channels, 32x32, 3x3; fwd+bwd 0.78-0.85 at 3d-a (512 positions),
+# 0.93-0.96 at 1d-a (128); at 32-64 positions (1d-b, 2d-b, 2d-c) 0.92-1.15, so those keep one loop. In
+# those shapes many positions came with 32-64 channels and few with 128-256, so the rule cannot tell
+# which of the two decides; grouped convs were not measured and keep plain autodiff.
 _REORIENTED_KERNEL_GRAD_POSITIONS = 128
 
 
-def conv_im2col_lowering(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
-    """The ``im2col`` method (channels last): :func:`conv_im2col_chunked`, whose kernel gradient is reoriented
-    (:func:`conv_im2col_sample_kernel_tangent`) when a sample has many output positions."""
-    kernel_size = kernels.shape[1:-2]
-    positions = math.prod(output_spatial_shape(inputs.shape[1:-1], kernel_size, spec))
-    if positions >= _REORIENTED_KERNEL_GRAD_POSITIONS:
+def reorients_kernel_grad(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> bool:
+    """Whether :func:`conv_im2col_method` takes the reoriented kernel gradient for these arguments."""
+    positions = math.prod(output_spatial_shape(inputs.shape[1:-1], kernels.shape[1:-2], spec))
+    batch_is_split = _im2col_chunk(inputs, kernels, spec, channels_first=False) < inputs.shape[0]
+    return spec.feature_group_count == 1 and positions >= _REORIENTED_KERNEL_GRAD_POSITIONS and batch_is_split
+
+
+def conv_im2col_method(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """The ``im2col`` method (channels last): :func:`conv_im2col_chunked`, with the reoriented kernel
+    gradient (:func:`conv_im2col_sample_kernel_tangent`) where :func:`reorients_kernel_grad` says so."""
+    if reorients_kernel_grad(inputs, kernels, spec):
         return conv_im2col_reoriented_kernel_grad(inputs, kernels, spec)
     return conv_im2col_chunked(inputs, kernels, spec)
 
@@ -376,13 +392,13 @@ LOWERINGS: dict[str, Lowering] = {
     "vmap": conv_vmap,
     "grouped": conv_grouped,
     "scan": conv_scan,
-    "im2col": conv_im2col_lowering,
+    "im2col": conv_im2col_method,
     "hybrid": conv_grouped_im2col_grad,
 }
 
 
 # Lowerings with a native PyTorch-layout form, which spares ``per_sample_conv`` the transposes.
-CHANNELS_FIRST_FORMS: dict[Lowering, Lowering] = {conv_im2col_lowering: conv_im2col_chunked_channels_first}
+CHANNELS_FIRST_FORMS: dict[Lowering, Lowering] = {conv_im2col_method: conv_im2col_chunked_channels_first}
 
 
 def choose_lowering(backend: str) -> Lowering:
@@ -397,7 +413,7 @@ def choose_lowering(backend: str) -> Lowering:
       which avoids the batch-group kernel gradient reported slow on GPU (jax issue 13800).
     """
     if backend == "cpu":
-        return conv_im2col_lowering
+        return conv_im2col_method
     return conv_grouped_im2col_grad
 
 

@@ -250,9 +250,9 @@ def _scalar_loss(case: Case, method: str):
 
 @pytest.fixture
 def reoriented_kernel_grad(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every sample counts as one with many output positions: ``im2col``'s reoriented kernel gradient
-    (a custom JVP) runs on the small test cases, which otherwise take its plain autodiff."""
-    monkeypatch.setattr(_lowerings, "_REORIENTED_KERNEL_GRAD_POSITIONS", 1)
+    """``im2col``'s reoriented kernel gradient (a custom JVP) on every case, grouped ones included; by its
+    rule only large, split, ungrouped batches take it, none of the small test cases."""
+    monkeypatch.setattr(_lowerings, "reorients_kernel_grad", lambda *args: True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -272,19 +272,38 @@ def test_reoriented_kernel_grad_matches_float64_reference(case: Case, reoriented
     assert_close(tangent, expected, F32_RTOL, "jvp")
 
 
-def test_reoriented_kernel_grad_is_the_custom_jvp(reoriented_kernel_grad: None) -> None:
-    """The fixture does switch the path (so the test above can fail): a custom JVP appears in the program."""
-    case = CASES[5]
+def _kernel_grad_contracts_channel_major_patches(case: Case) -> bool:
+    """Whether the kernel gradient's program has a matmul operand of channel-major patches, (C * T, positions)."""
     x, w, _ = _random(case, seed=24)
-    jaxpr = jax.make_jaxpr(lambda x, w: jdc.per_sample_conv(x, w, method="im2col", **case.kwargs))(x, w)
-    assert "custom_jvp_call" in str(jaxpr)
+    grad = jax.grad(lambda w: jnp.sum(jdc.per_sample_conv(x, w, method="im2col", **case.kwargs) ** 2))
+    taps, positions = int(np.prod(case.kernel_size)), 3 * 4 * 4
+    shapes = [shape[-2:] for shape in _equation_operand_shapes("dot_general", grad, w)]
+    return (case.in_channels * taps, positions) in shapes
 
 
-def test_few_positions_keep_plain_autodiff() -> None:
-    case = CASES[5]  # 4x3 output positions, below the threshold
-    x, w, _ = _random(case, seed=24)
-    jaxpr = jax.make_jaxpr(lambda x, w: jdc.per_sample_conv(x, w, method="im2col", **case.kwargs))(x, w)
-    assert "custom_jvp_call" not in str(jaxpr)
+def test_reoriented_kernel_grad_contracts_channel_major_patches(reoriented_kernel_grad: None) -> None:
+    assert _kernel_grad_contracts_channel_major_patches(CASES[8])  # 3d_same: 2 channels, 27 taps, 3x4x4 out
+
+
+def test_plain_kernel_grad_contracts_tap_major_patches() -> None:
+    """The check above can fail: by default that small case takes plain autodiff."""
+    assert not _kernel_grad_contracts_channel_major_patches(CASES[8])
+
+
+@pytest.mark.parametrize(
+    ("batch", "spatial", "channels", "groups", "expected"),
+    [
+        (64, (32, 32), 64, 1, True),  # the kernel-mixing conv: 1024 positions, two samples a step
+        (64, (32, 32), 64, 2, False),  # grouped: not measured
+        (128, (8, 8), 256, 1, False),  # 2d-c: 64 positions
+        (2, (32, 32), 64, 1, False),  # the whole batch in one step: plain autodiff keeps the patches
+    ],
+)
+def test_reoriented_kernel_grad_rule(batch: int, spatial: tuple[int, ...], channels: int, groups: int, expected: bool):
+    inputs = jax.ShapeDtypeStruct((batch, *spatial, channels), jnp.float32)
+    kernels = jax.ShapeDtypeStruct((batch, 3, 3, channels // groups, channels), jnp.float32)
+    spec = _lowerings.ConvSpec((1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), groups)
+    assert _lowerings.reorients_kernel_grad(inputs, kernels, spec) is expected
 
 
 def test_nested_grad_through_reoriented_kernel_grad(reoriented_kernel_grad: None) -> None:
@@ -371,19 +390,29 @@ def test_precision_highest_is_accepted_by_every_method() -> None:
         assert_close(out, expected, F32_RTOL, method)
 
 
-def _equation_params(primitive: str, fn, *args) -> list[dict[str, Any]]:
-    """The parameters of every ``primitive`` equation in the (nested) jaxpr of ``fn``."""
+def _equations(primitive: str, fn, *args) -> list[Any]:
+    """Every ``primitive`` equation in the (nested) jaxpr of ``fn``."""
     found = []
 
     def visit(jaxpr: jax.extend.core.Jaxpr) -> None:
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == primitive:
-                found.append(eqn.params)
+                found.append(eqn)
             for sub in _subjaxprs(eqn):
                 visit(sub)
 
     visit(jax.make_jaxpr(fn)(*args).jaxpr)
     return found
+
+
+def _equation_params(primitive: str, fn, *args) -> list[dict[str, Any]]:
+    """The parameters of every ``primitive`` equation in the (nested) jaxpr of ``fn``."""
+    return [eqn.params for eqn in _equations(primitive, fn, *args)]
+
+
+def _equation_operand_shapes(primitive: str, fn, *args) -> list[tuple[int, ...]]:
+    """The shape of every operand of every ``primitive`` equation in the (nested) jaxpr of ``fn``."""
+    return [tuple(var.aval.shape) for eqn in _equations(primitive, fn, *args) for var in eqn.invars]
 
 
 def _conv_batch_group_counts(fn, *args) -> list[int]:
@@ -417,7 +446,7 @@ def test_fast_gradients_have_no_batch_group_conv(case: Case, method: str) -> Non
 
 
 def test_auto_rule_by_backend() -> None:
-    assert _lowerings.choose_lowering("cpu") is _lowerings.conv_im2col_lowering
+    assert _lowerings.choose_lowering("cpu") is _lowerings.conv_im2col_method
     assert _lowerings.choose_lowering("gpu") is _lowerings.conv_grouped_im2col_grad
     assert _lowerings.choose_lowering("tpu") is _lowerings.conv_grouped_im2col_grad
 
