@@ -348,16 +348,17 @@ KM_OUTPUTS = "jdynconv mix_outputs"
 KM_REFERENCE = "torch reference"
 
 
-def format_ms(seconds: float | None) -> str:
-    return MISSING if seconds is None else f"{seconds * 1e3:.3g}"
-
-
-def rest_of_step_cell(train: Mapping[str, Record], conv: Mapping[str, Record]) -> str:
-    """``train`` minus ``conv`` median, jdynconv / torch, in ms: what routing and mixing add to the step."""
+def rest_of_step_cell(case: Mapping[str, Any]) -> str:
+    """What routing and mixing add to the step (train minus conv alone, paired per round), jdynconv / torch:
+    median [quartiles] in whole ms, as kernel_mixing.py recorded it; why, where it could not."""
     cells = []
     for name in (KM_SUBJECT, KM_REFERENCE):
-        step, alone = median_s(train.get(name)), median_s(conv.get(name))
-        cells.append(format_ms(None if step is None or alone is None else step - alone))
+        rest = case.get("rest_of_step_ms", {}).get(name)
+        if rest is not None:
+            cells.append(f"{rest['median_ms']:.0f} [{rest['p25_ms']:.0f}, {rest['p75_ms']:.0f}]")
+            continue
+        statuses = [case["results"].get(mode, {}).get(name, {}).get("status") for mode in ("train", "conv")]
+        cells.append(next((status for status in statuses if status in ("wrong", "error")), MISSING))
     return " / ".join(cells)
 
 
@@ -370,7 +371,7 @@ def kernel_mixing_section(payload: Mapping[str, Any]) -> list[str]:
         "train: auto / torch",
         "train: mix_outputs / torch",
         "conv alone, train: auto / torch",
-        "train - conv alone (ms): jdynconv / torch",
+        "train - conv alone, ms: jdynconv / torch",
     ]
     rows = []
     for case in payload.get("cases", []):
@@ -384,7 +385,7 @@ def kernel_mixing_section(payload: Mapping[str, Any]) -> list[str]:
                 ratio_cell(train, KM_SUBJECT, KM_REFERENCE),
                 ratio_cell(train, KM_OUTPUTS, KM_REFERENCE),
                 ratio_cell(conv, KM_SUBJECT, KM_REFERENCE),
-                rest_of_step_cell(train, conv),
+                rest_of_step_cell(case),
             ]
         )
     return [
@@ -393,7 +394,8 @@ def kernel_mixing_section(payload: Mapping[str, Any]) -> list[str]:
         "torch = the PyTorch reference implementation; below 1: jdynconv faster. conv alone = the same training "
         "step for the layer's convolution only (per-sample kernels and biases as the parameters: "
         "`per_sample_conv` vs PyTorch's grouped conv); train - conv alone = what routing, mixing and their "
-        "gradients add to the step (a difference of medians, so an estimate; can come out negative).",
+        "gradients add to the step: the per-round difference of two noisy times, median [quartiles]; the conv "
+        "alone's SGD update is B per-sample kernels, not k experts, which pulls it down.",
     ]
 
 
@@ -451,8 +453,9 @@ def xla_floor_section(payload: Mapping[str, Any]) -> list[str]:
         "to XLA:CPU's conv or matmul would have to beat XLA's own dense conv and matmul of the same size. "
         "im2col core = the faster of B unbatched per-sample matmuls and one batched matmul of the im2col "
         "contraction on ready-made patches (forward; jdynconv runs two samples a step, not timed here): above 1, "
-        "neither batching matches PyTorch's forward there. mix-2d is the convolution inside the CondConv/DynamicConv "
-        "benchmark.",
+        "neither batching matches PyTorch's forward there. mix-2d is the shape of the convolution inside the "
+        "CondConv/DynamicConv benchmark; jdynconv auto runs here in PyTorch's layout (channels first), the layers "
+        "run channels last.",
     ]
 
 
