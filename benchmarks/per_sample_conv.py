@@ -194,12 +194,23 @@ def build_jdynconv(method: str, problem: Problem, mode: str) -> Call:
         forward = jax.jit(conv)
         return lambda: jax.block_until_ready(forward(inputs, kernels))
 
+    return training_pass_call(conv, inputs, kernels, cotangent)
+
+
+def training_pass_call(conv: Callable[[jax.Array, jax.Array], jax.Array], *arrays: jax.Array) -> Call:
+    """A call running ``sum(conv(x, w) * g)`` forward and its gradients for ``x`` and ``w``; returns the gradients.
+
+    The loss value is computed and waited for too. The loss is linear in the conv's output, so with
+    ``jax.grad`` alone the forward conv is dead code and XLA drops it, while PyTorch's ``backward()``
+    always runs the forward: the pass would time a backward against PyTorch's forward + backward.
+    The cotangent ``g`` is an argument, not a closed-over constant XLA would fold into the program.
+    """
+
     def loss(x: jax.Array, w: jax.Array, g: jax.Array) -> jax.Array:
         return jnp.sum(conv(x, w) * g)
 
-    # The cotangent is an argument, not a closed-over constant XLA would fold into the program.
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    return lambda: jax.block_until_ready(grads(inputs, kernels, cotangent))
+    value_and_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return lambda: jax.block_until_ready(value_and_grads(*arrays))[1]
 
 
 # --- PyTorch --------------------------------------------------------------------------------------------

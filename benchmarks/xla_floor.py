@@ -58,7 +58,16 @@ from _timing import (
     time_calls,
     write_json,
 )
-from per_sample_conv import MODES, SHAPES, Problem, Shape, build_jdynconv, build_torch, select_shapes
+from per_sample_conv import (
+    MODES,
+    SHAPES,
+    Problem,
+    Shape,
+    build_jdynconv,
+    build_torch,
+    select_shapes,
+    training_pass_call,
+)
 
 DEFAULT_ROUNDS = 11
 QUICK_ROUNDS = 3
@@ -104,8 +113,7 @@ def shared_conv_call(problem: Problem, mode: str, channels_last: bool) -> Call:
     if mode == "fwd":
         forward = jax.jit(conv)
         return lambda: jax.block_until_ready(forward(inputs, kernel))
-    grads = jax.jit(jax.grad(lambda x, w, g: jnp.sum(conv(x, w) * g), argnums=(0, 1)))
-    return lambda: jax.block_until_ready(grads(inputs, kernel, cotangent))
+    return training_pass_call(conv, inputs, kernel, cotangent)
 
 
 def random_arrays(*sizes: tuple[int, ...]) -> tuple[jax.Array, ...]:
@@ -127,8 +135,7 @@ def one_matmul_call(problem: Problem, mode: str) -> Call:
     if mode == "fwd":
         forward = jax.jit(matmul)
         return lambda: jax.block_until_ready(forward(patches, kernel))
-    grads = jax.jit(jax.grad(lambda a, w, g: jnp.sum(matmul(a, w) * g), argnums=(0, 1)))
-    return lambda: jax.block_until_ready(grads(patches, kernel, cotangent))
+    return training_pass_call(matmul, patches, kernel, cotangent)
 
 
 def per_sample_matmuls_call(problem: Problem, batched: bool) -> Call:
