@@ -45,7 +45,7 @@ from _timing import (
 import jdynconv
 
 MODES = ("fwd", "fwd+bwd")
-JDYNCONV_METHODS = ("auto", "im2col", "scan", "hybrid", "grouped", "vmap")
+JDYNCONV_METHODS = ("auto", "im2col", "direct", "scan", "hybrid", "grouped", "vmap")
 TORCH_FORMS = ("grouped", "vmap", "loop")
 # PyTorch's grouped conv is the reference every result is checked against.
 REFERENCE = "torch grouped"

@@ -22,6 +22,9 @@ where it has one.
   in the backward pass. Channels last, when the batch is split, G = 1 and a sample has at least 128 output
   positions, the kernel gradient is contracted from channel-major patches (a custom JVP,
   :func:`conv_im2col_method`), the orientation XLA:CPU ran faster there.
+* ``direct``: values from XLA's own convolution per sample, eight samples a ``lax.map`` step (each its own
+  conv, so XLA:CPU runs them side by side), 2-D ones kept from YNNPACK (:func:`conv_direct_sample`);
+  derivatives from ``im2col`` (a custom JVP). The fastest CPU forward where channels are few.
 * ``hybrid``: values from ``grouped``, derivatives from ``im2col`` (a custom JVP), for backends whose
   grouped conv is fast but whose batch-group kernel gradient is not (GPU).
 * ``auto``: see :func:`choose_lowering`.
@@ -272,16 +275,37 @@ def im2col_chunk_size(batch: int, macs_per_sample: int, patch_bytes_per_sample: 
     return chunk_size(batch, patch_bytes_per_sample)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Dims:
+    """The sizes a lowering rule looks at, read from batched arguments in either layout."""
+
+    spatial: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    in_channels: int
+    group_in: int
+    out_channels: int
+
+    @classmethod
+    def of(cls, inputs: jax.Array, kernels: jax.Array, *, channels_first: bool) -> _Dims:
+        if channels_first:
+            return cls(inputs.shape[2:], kernels.shape[3:], inputs.shape[1], kernels.shape[2], kernels.shape[1])
+        return cls(inputs.shape[1:-1], kernels.shape[1:-2], inputs.shape[-1], *kernels.shape[-2:])
+
+    def patch_size(self, spec: ConvSpec) -> int:
+        """Output positions times taps: one sample's patch rows times their taps."""
+        return math.prod(output_spatial_shape(self.spatial, self.kernel_size, spec)) * math.prod(self.kernel_size)
+
+    def matmul_macs(self, spec: ConvSpec) -> int:
+        """One sample's multiply-adds as one (ungrouped) matmul; 0 for a grouped conv, which im2col contracts as
+        a matmul batched over its groups even per sample (its rules were measured for G == 1 only)."""
+        return self.patch_size(spec) * self.group_in * self.out_channels if spec.feature_group_count == 1 else 0
+
+
 def _im2col_chunk(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec, *, channels_first: bool) -> int:
     """:func:`im2col_chunk_size` for these arguments."""
-    kernel_size = kernels.shape[3:] if channels_first else kernels.shape[1:-2]
-    spatial = inputs.shape[2:] if channels_first else inputs.shape[1:-1]
-    in_channels = inputs.shape[1] if channels_first else inputs.shape[-1]
-    group_in, out_channels = (kernels.shape[2], kernels.shape[1]) if channels_first else kernels.shape[-2:]
-    patch_size = math.prod(output_spatial_shape(spatial, kernel_size, spec)) * math.prod(kernel_size)
-    # Measured for G == 1 only: a grouped contraction is a matmul batched over the groups even per sample.
-    macs = patch_size * group_in * out_channels if spec.feature_group_count == 1 else 0
-    return im2col_chunk_size(inputs.shape[0], macs, patch_size * in_channels * inputs.dtype.itemsize)
+    dims = _Dims.of(inputs, kernels, channels_first=channels_first)
+    patch_bytes = dims.patch_size(spec) * dims.in_channels * inputs.dtype.itemsize
+    return im2col_chunk_size(inputs.shape[0], dims.matmul_macs(spec), patch_bytes)
 
 
 def _map_over_chunks(
@@ -320,6 +344,90 @@ def conv_scan(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Arra
         return shared_conv(x[None], w, spec, spec.feature_group_count)[0]
 
     return lax.map(one_sample, (inputs, kernels))
+
+
+# Samples a step of the ``direct`` lowering's ``lax.map``, each its own conv in the step's body (2 cores,
+# jax 0.10.2, channels last, forward, 2026-11-21; 2, 4, 8 and 16 a step): 2d-a 10.2 / 6.8 / 6.7 / 7.7 ms, the
+# kernel-mixing conv (B64, 64 -> 64, 32x32) 23.0 / 29.0 / 24.5 / 26.2 ms, 1d-b 7.5 / 6.1 / 5.6 / 5.7 ms; one a
+# step (``scan``) was 1.3x-1.6x slower than 8. Independent convs in one step are what XLA:CPU spreads over
+# its threads.
+_DIRECT_SAMPLES_PER_STEP = 8
+
+# XLA:CPU (jax 0.10.2) hands a 2-D NHWC convolution to YNNPACK unless, among other things, its output is
+# larger than its input along a spatial dim (xla/backends/cpu/ynn_support.cc, IsConvolutionOpSupportedByYnn;
+# a workaround there, b/476207717). On these per-sample convs YNNPACK ran 1.3x-1.5x slower than XLA's own
+# (Eigen) convolution: forward, 8 a step, 2d-a 9.0 vs 6.7 ms, the kernel-mixing conv 35.9 vs 24.5 ms, 2d-c
+# 74 vs 65 ms. So a 2-D conv with unit stride along its first spatial dim computes enough extra output rows
+# to be larger than its input, and drops them, unless that would add more than 1 / _MAX_EXTRA_ROWS_SHARE
+# of the work. Correct either way; only the library XLA picks depends on it.
+_MAX_EXTRA_ROWS_SHARE = 8
+
+
+def direct_extra_rows(spatial: Sequence[int], kernel_size: Sequence[int], spec: ConvSpec) -> int:
+    """How many output rows :func:`conv_direct_sample` adds along the first spatial dim (0: none)."""
+    if len(spatial) != 2 or spec.strides[0] != 1:
+        return 0
+    input_rows = (spatial[0] - 1) * spec.input_dilation[0] + 1  # as shared_conv dilates it
+    output_rows = output_spatial_shape(spatial, kernel_size, spec)[0]
+    extra = max(0, input_rows - output_rows + 1)
+    return extra if extra * _MAX_EXTRA_ROWS_SHARE <= output_rows else 0
+
+
+def conv_direct_sample(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """One sample's conv as XLA's own convolution: ``(*S, C), (*k, C // G, O) -> (*out, O)``.
+
+    With :func:`direct_extra_rows` more output rows (more high padding, dropped after), so that XLA:CPU
+    keeps a 2-D conv to itself rather than handing it to YNNPACK.
+    """
+    extra = direct_extra_rows(inputs.shape[:-1], kernels.shape[:-2], spec)
+    if extra:
+        (low, high), *rest = spec.pads
+        spec = dataclasses.replace(spec, pads=((low, high + extra), *rest))
+    out = shared_conv(inputs[None], kernels, spec, spec.feature_group_count)[0]
+    return out[: out.shape[0] - extra] if extra else out
+
+
+def conv_direct_sample_channels_first(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """:func:`conv_direct_sample` on one PyTorch-layout sample: ``(C, *S), (O, C // G, *k) -> (O, *out)``.
+
+    Transposed one sample at a time, in the loop: XLA:CPU's convolution is fast channels last only (a
+    channels-first conv per sample ran 15x-70x slower), and transposing the whole batch cost more than
+    the convolution in an earlier measurement (see :func:`conv_im2col_sample_channels_first`).
+    """
+    out = conv_direct_sample(jnp.moveaxis(inputs, 0, -1), jnp.moveaxis(kernels, (0, 1), (-1, -2)), spec)
+    return jnp.moveaxis(out, -1, 0)
+
+
+def _map_in_steps(sample_fn: Lowering, inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """``sample_fn`` over the batch, :data:`_DIRECT_SAMPLES_PER_STEP` samples a ``lax.map`` step, each its own
+    call in the step's body; a ragged last few samples run after the loop."""
+
+    def step(pair: tuple[jax.Array, jax.Array]) -> jax.Array:
+        xs, ws = pair
+        return jnp.stack([sample_fn(xs[i], ws[i], spec) for i in range(xs.shape[0])])
+
+    batch, per_step = inputs.shape[0], _DIRECT_SAMPLES_PER_STEP
+    looped = batch - batch % per_step
+    parts = []
+    if looped:
+        steps = (a[:looped].reshape(looped // per_step, per_step, *a.shape[1:]) for a in (inputs, kernels))
+        out = lax.map(step, tuple(steps))
+        parts.append(out.reshape(looped, *out.shape[2:]))
+    if looped < batch:
+        parts.append(step((inputs[looped:], kernels[looped:])))
+    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def conv_direct(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """XLA's own convolution per sample, a few samples a step (values only: its autodiff kernel gradient
+    is a convolution XLA:CPU ran 37x-69x slower than ``im2col``'s, so :func:`conv_direct_method` takes
+    derivatives from ``im2col``)."""
+    return _map_in_steps(conv_direct_sample, inputs, kernels, spec)
+
+
+def conv_direct_channels_first(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """:func:`conv_direct` on PyTorch-layout ``(B, C, *S)``, ``(B, O, C // G, *k)``; ``(B, O, *out)`` out."""
+    return _map_in_steps(conv_direct_sample_channels_first, inputs, kernels, spec)
 
 
 def with_tangent_lowering(primal: Lowering, tangent: Lowering, kernel_tangent: Lowering | None = None) -> Lowering:
@@ -388,32 +496,92 @@ def conv_im2col_method(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) ->
     return conv_im2col_chunked(inputs, kernels, spec)
 
 
+# XLA's convolution forward, im2col's derivatives, in either layout; the kernel derivative as im2col's own.
+conv_direct_im2col_grad = with_tangent_lowering(conv_direct, conv_im2col_chunked)
+conv_direct_reoriented_kernel_grad = with_tangent_lowering(
+    conv_direct, conv_im2col_chunked, kernel_tangent=conv_im2col_chunked_kernel_tangent
+)
+conv_direct_channels_first_im2col_grad = with_tangent_lowering(
+    conv_direct_channels_first, conv_im2col_chunked_channels_first
+)
+
+
+def conv_direct_method(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """The ``direct`` method (channels last): values from :func:`conv_direct`, derivatives from ``im2col``
+    (its kernel gradient reoriented where :func:`reorients_kernel_grad` says so)."""
+    if reorients_kernel_grad(inputs, kernels, spec):
+        return conv_direct_reoriented_kernel_grad(inputs, kernels, spec)
+    return conv_direct_im2col_grad(inputs, kernels, spec)
+
+
+# The CPU rule's bounds (2 cores, jax 0.10.2, 2026-11-21, ``direct`` / ``im2col`` in one process, float32,
+# G = 1, value and gradients of sum(y * g)). Channels last, fwd+bwd: 2d-a 0.90, the kernel-mixing conv 0.86,
+# 1d-a 0.95 (32-64 channels); with 128-256 channels 1d-b 0.89, 2d-b 1.04, 2d-c 1.14. Channels first, where
+# direct transposes each sample: 2d-a 0.92, kernel-mixing conv 0.90, 1d-a 0.86; with 128-256 channels
+# 1d-b 1.01, 2d-b 1.08, 2d-c 1.23, forward 1.39-1.94. 3-D convs were 4x-7x slower through XLA's
+# convolution than im2col (dense 3d-a-sized conv 43 ms vs im2col's per-sample 11 ms).
+_DIRECT_MAX_CHANNELS = 64
+
+
+def uses_direct(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec, *, channels_first: bool) -> bool:
+    """Whether ``auto`` on CPU takes ``direct`` rather than ``im2col``: float32, 1-D or 2-D, G = 1, at most
+    :data:`_DIRECT_MAX_CHANNELS` channels in and out, and a sample large enough that ``im2col`` would
+    loop over samples too (:data:`_PER_SAMPLE_MATMUL_MACS`)."""
+    dims = _Dims.of(inputs, kernels, channels_first=channels_first)
+    return (
+        inputs.dtype == jnp.float32
+        and len(dims.spatial) <= 2
+        and max(dims.in_channels, dims.out_channels) <= _DIRECT_MAX_CHANNELS
+        and dims.matmul_macs(spec) >= _PER_SAMPLE_MATMUL_MACS
+    )
+
+
+def conv_cpu_auto(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """``auto`` on CPU, channels last: ``direct`` where :func:`uses_direct` says so, else ``im2col``."""
+    if uses_direct(inputs, kernels, spec, channels_first=False):
+        return conv_direct_method(inputs, kernels, spec)
+    return conv_im2col_method(inputs, kernels, spec)
+
+
+def conv_cpu_auto_channels_first(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
+    """:func:`conv_cpu_auto` on PyTorch-layout arguments, each method in its channels-first form."""
+    if uses_direct(inputs, kernels, spec, channels_first=True):
+        return conv_direct_channels_first_im2col_grad(inputs, kernels, spec)
+    return conv_im2col_chunked_channels_first(inputs, kernels, spec)
+
+
 LOWERINGS: dict[str, Lowering] = {
     "vmap": conv_vmap,
     "grouped": conv_grouped,
     "scan": conv_scan,
     "im2col": conv_im2col_method,
+    "direct": conv_direct_method,
     "hybrid": conv_grouped_im2col_grad,
 }
 
 
 # Lowerings with a native PyTorch-layout form, which spares ``per_sample_conv`` the transposes.
-CHANNELS_FIRST_FORMS: dict[Lowering, Lowering] = {conv_im2col_method: conv_im2col_chunked_channels_first}
+CHANNELS_FIRST_FORMS: dict[Lowering, Lowering] = {
+    conv_im2col_method: conv_im2col_chunked_channels_first,
+    conv_direct_method: conv_direct_channels_first_im2col_grad,
+    conv_cpu_auto: conv_cpu_auto_channels_first,
+}
 
 
 def choose_lowering(backend: str) -> Lowering:
     """The ``method="auto"`` rule.
 
-    * CPU: ``im2col``. On 2 cores (benchmarks/per_sample_conv.py, 2026-11-21) it was the fastest
-      fwd+bwd on five of seven benchmark shapes and ``hybrid`` on the other two, the small seed and
-      1d-a shapes (0.041 vs 0.058 ms, 3.9 vs 4.2 ms); the direct-conv lowerings' kernel gradient is
-      XLA:CPU's masked batch-group conv, 10x-100x slower. It was the fastest forward on all but 2d-a,
-      where ``scan`` was (11 vs 15 ms).
+    * CPU: :func:`conv_cpu_auto`: ``direct`` for float32 1-D and 2-D convs with G = 1, at most 64 channels
+      and a sample's matmul of at least 2^20 multiply-adds (:func:`uses_direct`), else ``im2col``. Measured
+      on 2 cores (figures at :data:`_DIRECT_MAX_CHANNELS`, benchmarks/per_sample_conv.py). Both take
+      their derivatives from im2col's matmuls: the direct-conv lowerings' autodiff kernel gradient is
+      XLA:CPU's masked batch-group conv (``vmap``, ``grouped``) or a per-sample conv (``scan``), 10x-100x
+      slower.
     * GPU/TPU: values from ``grouped`` (one cuDNN/TPU grouped conv), derivatives from ``im2col``,
       which avoids the batch-group kernel gradient reported slow on GPU (jax issue 13800).
     """
     if backend == "cpu":
-        return conv_im2col_method
+        return conv_cpu_auto
     return conv_grouped_im2col_grad
 
 

@@ -16,7 +16,7 @@ from jax.typing import ArrayLike
 from jdynconv import _checks, _lowerings
 
 DataFormat = Literal["channels_last", "channels_first"]
-Method = Literal["auto", "vmap", "grouped", "scan", "im2col", "hybrid"]
+Method = Literal["auto", "vmap", "grouped", "scan", "im2col", "direct", "hybrid"]
 
 METHODS: tuple[str, ...] = ("auto", *_lowerings.LOWERINGS)
 DATA_FORMATS: tuple[str, ...] = ("channels_last", "channels_first")
@@ -61,7 +61,7 @@ def per_sample_conv(
       preferred_element_type: accumulation and output dtype, as in ``jax.lax``.
       method: ``"auto"`` (fastest correct lowering for the backend; see
         :func:`jdynconv._lowerings.choose_lowering`), ``"vmap"`` (reference semantics), ``"grouped"``,
-        ``"scan"``, ``"im2col"`` or ``"hybrid"``. All compute the same function.
+        ``"scan"``, ``"im2col"``, ``"direct"`` or ``"hybrid"``. All compute the same function.
 
     Returns:
       ``(B, *out_spatial, C_out)`` for ``"channels_last"``, ``(B, C_out, *out_spatial)`` for

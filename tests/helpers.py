@@ -1,7 +1,11 @@
-"""Small assertion helpers shared by the tests (optax-style, no heavy test dependency)."""
+"""Small helpers shared by the tests: assertions (optax-style, no heavy test dependency) and jaxpr inspection."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
+import jax.extend.core
 import numpy as np
 
 
@@ -18,3 +22,39 @@ def assert_close(actual: object, expected: object, rtol: float, name: str = "val
     scale = max(float(np.abs(expected).max(initial=0.0)), 1e-30)
     error = float(np.abs(actual - expected).max(initial=0.0))
     assert error <= rtol * scale, f"{name}: max abs error {error:.3g} > {rtol:g} * {scale:.3g}"
+
+
+def equations(primitive: str, fn, *args) -> list[Any]:
+    """Every ``primitive`` equation in the (nested) jaxpr of ``fn``."""
+    found = []
+
+    def visit(jaxpr: jax.extend.core.Jaxpr) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == primitive:
+                found.append(eqn)
+            for sub in _subjaxprs(eqn):
+                visit(sub)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def equation_params(primitive: str, fn, *args) -> list[dict[str, Any]]:
+    """The parameters of every ``primitive`` equation in the (nested) jaxpr of ``fn``."""
+    return [eqn.params for eqn in equations(primitive, fn, *args)]
+
+
+def equation_operand_shapes(primitive: str, fn, *args) -> list[tuple[int, ...]]:
+    """The shape of every operand of every ``primitive`` equation in the (nested) jaxpr of ``fn``."""
+    return [tuple(var.aval.shape) for eqn in equations(primitive, fn, *args) for var in eqn.invars]
+
+
+def _subjaxprs(eqn: Any) -> list[Any]:
+    found = []
+    for value in eqn.params.values():
+        for item in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(item, jax.extend.core.ClosedJaxpr):
+                found.append(item.jaxpr)
+            elif isinstance(item, jax.extend.core.Jaxpr):
+                found.append(item)
+    return found

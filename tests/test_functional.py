@@ -17,7 +17,7 @@ import jdynconv as jdc
 from jdynconv import _lowerings
 from jdynconv.functional import DATA_FORMATS, METHODS
 from tests import reference
-from tests.helpers import assert_close
+from tests.helpers import assert_close, equation_operand_shapes, equation_params
 
 F32_RTOL = 1e-5
 
@@ -277,7 +277,7 @@ def _kernel_grad_contracts_channel_major_patches(case: Case) -> bool:
     x, w, _ = _random(case, seed=24)
     grad = jax.grad(lambda w: jnp.sum(jdc.per_sample_conv(x, w, method="im2col", **case.kwargs) ** 2))
     taps, positions = int(np.prod(case.kernel_size)), 3 * 4 * 4
-    shapes = [shape[-2:] for shape in _equation_operand_shapes("dot_general", grad, w)]
+    shapes = [shape[-2:] for shape in equation_operand_shapes("dot_general", grad, w)]
     return (case.in_channels * taps, positions) in shapes
 
 
@@ -308,8 +308,8 @@ def test_reoriented_kernel_grad_rule(batch: int, spatial: tuple[int, ...], chann
 
 @pytest.mark.parametrize(
     ("method", "reoriented"),
-    [("auto", False), ("im2col", False), ("scan", False), ("hybrid", False), ("im2col", True)],
-    ids=["auto", "im2col", "scan", "hybrid", "im2col-reoriented-kernel-grad"],
+    [("auto", False), ("im2col", False), ("scan", False), ("direct", False), ("hybrid", False), ("im2col", True)],
+    ids=["auto", "im2col", "scan", "direct", "hybrid", "im2col-reoriented-kernel-grad"],
 )
 def test_nested_grad_agrees_with_vmap_reference_semantics(
     method: str, reoriented: bool, request: pytest.FixtureRequest
@@ -327,7 +327,7 @@ def test_nested_grad_agrees_with_vmap_reference_semantics(
     assert_close(grad_norm(_scalar_loss(case, method))(x, w), expected, 1e-4)
 
 
-@pytest.mark.parametrize("method", ["auto", "im2col", "hybrid"])
+@pytest.mark.parametrize("method", ["auto", "im2col", "direct", "hybrid"])
 def test_forward_mode_jvp_matches_reference(method: str) -> None:
     case = CASES[1]
     x, w, _ = _random(case, seed=7)
@@ -387,48 +387,12 @@ def test_precision_highest_is_accepted_by_every_method() -> None:
         assert_close(out, expected, F32_RTOL, method)
 
 
-def _equations(primitive: str, fn, *args) -> list[Any]:
-    """Every ``primitive`` equation in the (nested) jaxpr of ``fn``."""
-    found = []
-
-    def visit(jaxpr: jax.extend.core.Jaxpr) -> None:
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == primitive:
-                found.append(eqn)
-            for sub in _subjaxprs(eqn):
-                visit(sub)
-
-    visit(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
-
-
-def _equation_params(primitive: str, fn, *args) -> list[dict[str, Any]]:
-    """The parameters of every ``primitive`` equation in the (nested) jaxpr of ``fn``."""
-    return [eqn.params for eqn in _equations(primitive, fn, *args)]
-
-
-def _equation_operand_shapes(primitive: str, fn, *args) -> list[tuple[int, ...]]:
-    """The shape of every operand of every ``primitive`` equation in the (nested) jaxpr of ``fn``."""
-    return [tuple(var.aval.shape) for eqn in _equations(primitive, fn, *args) for var in eqn.invars]
-
-
 def _conv_batch_group_counts(fn, *args) -> list[int]:
     """batch_group_count of every conv in the (nested) jaxpr of ``fn``."""
-    return [params["batch_group_count"] for params in _equation_params("conv_general_dilated", fn, *args)]
+    return [params["batch_group_count"] for params in equation_params("conv_general_dilated", fn, *args)]
 
 
-def _subjaxprs(eqn: Any) -> list[Any]:
-    found = []
-    for value in eqn.params.values():
-        for item in value if isinstance(value, tuple | list) else (value,):
-            if isinstance(item, jax.extend.core.ClosedJaxpr):
-                found.append(item.jaxpr)
-            elif isinstance(item, jax.extend.core.Jaxpr):
-                found.append(item)
-    return found
-
-
-@pytest.mark.parametrize("method", ["auto", "im2col", "hybrid"])
+@pytest.mark.parametrize("method", ["auto", "im2col", "direct", "hybrid"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[8]], ids=["1d", "2d", "3d"])
 def test_fast_gradients_have_no_batch_group_conv(case: Case, method: str) -> None:
     """The point of "auto": its kernel gradient must not be XLA:CPU's slow batch-group conv."""
@@ -443,7 +407,7 @@ def test_fast_gradients_have_no_batch_group_conv(case: Case, method: str) -> Non
 
 
 def test_auto_rule_by_backend() -> None:
-    assert _lowerings.choose_lowering("cpu") is _lowerings.conv_im2col_method
+    assert _lowerings.choose_lowering("cpu") is _lowerings.conv_cpu_auto
     assert _lowerings.choose_lowering("gpu") is _lowerings.conv_grouped_im2col_grad
     assert _lowerings.choose_lowering("tpu") is _lowerings.conv_grouped_im2col_grad
 
@@ -485,4 +449,4 @@ def test_im2col_chunks_and_still_matches(case: Case, scan_length: int, data_form
         assert_close(got, want, F32_RTOL)
     # The chunking the lowering chose, read from its program: forward and backward loops of that length.
     fwd_bwd = jax.grad(lambda x, w: jnp.sum(fn(x, w, b) * cotangent), argnums=(0, 1))
-    assert {params["length"] for params in _equation_params("scan", fwd_bwd, x, w)} == {scan_length}
+    assert {params["length"] for params in equation_params("scan", fwd_bwd, x, w)} == {scan_length}
