@@ -202,7 +202,8 @@ def training_pass_call(conv: Callable[[jax.Array, jax.Array], jax.Array], *array
 
     The loss value is computed and waited for too. The loss is linear in the conv's output, so with
     ``jax.grad`` alone the forward conv is dead code and XLA drops it, while PyTorch's ``backward()``
-    always runs the forward: the pass would time a backward against PyTorch's forward + backward.
+    always runs the forward: the pass would time a backward against PyTorch's forward + backward. (The
+    value costs JAX one multiply and sum over the output that PyTorch's ``backward(g)`` does not do.)
     The cotangent ``g`` is an argument, not a closed-over constant XLA would fold into the program.
     """
 

@@ -15,7 +15,8 @@ where it has one.
   convolution). Its forward is close to ``im2col``'s, a little faster on some small-channel shapes;
   its backward is slow.
 * ``im2col``: gather the ``prod(kernel_size)`` shifted views of the padded input and contract them
-  with the kernels. Forward and both gradients are matmuls, so its fwd+bwd is the fastest on CPU.
+  with the kernels. Forward and both gradients are matmuls, its gradients far faster on CPU than
+  autodiff through a conv's.
   Large per-sample matmuls (G = 1) run two samples a step (a ``lax.map`` of matmuls batched over 2);
   a matmul batched over many large samples ran ~3.8x slower at 2d-c-like sizes; small ones run in
   batched chunks sized so each chunk's patches stay in cache. When the batch is split, patches are recomputed
@@ -23,8 +24,9 @@ where it has one.
   positions, the kernel gradient is contracted from channel-major patches (a custom JVP,
   :func:`conv_im2col_method`), the orientation XLA:CPU ran faster there.
 * ``direct``: values from XLA's own convolution per sample, eight samples a ``lax.map`` step (each its own
-  conv, so XLA:CPU runs them side by side), 2-D ones kept from YNNPACK (:func:`conv_direct_sample`);
-  derivatives from ``im2col`` (a custom JVP). The fastest CPU forward where channels are few.
+  conv, so XLA:CPU runs them side by side), 2-D ones with unit stride along their first spatial dim kept
+  from YNNPACK (:func:`conv_direct_sample`); derivatives from ``im2col`` (a custom JVP). The fastest CPU
+  forward measured where channels are few.
 * ``hybrid``: values from ``grouped``, derivatives from ``im2col`` (a custom JVP), for backends whose
   grouped conv is fast but whose batch-group kernel gradient is not (GPU).
 * ``auto``: see :func:`choose_lowering`.
@@ -348,14 +350,15 @@ def conv_scan(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Arra
 
 # Samples a step of the ``direct`` lowering's ``lax.map``, each its own conv in the step's body (2 cores,
 # jax 0.10.2, channels last, forward, 2026-11-21; 2, 4, 8 and 16 a step): 2d-a 10.2 / 6.8 / 6.7 / 7.7 ms, the
-# kernel-mixing conv (B64, 64 -> 64, 32x32) 23.0 / 29.0 / 24.5 / 26.2 ms, 1d-b 7.5 / 6.1 / 5.6 / 5.7 ms; one a
-# step (``scan``) was 1.3x-1.6x slower than 8. Independent convs in one step are what XLA:CPU spreads over
-# its threads.
+# kernel-mixing conv (B64, 64 -> 64, 32x32) 23.0 / 29.0 / 24.5 / 26.2 ms, 1d-b 7.5 / 6.1 / 5.6 / 5.7 ms: 8 was
+# fastest or within 2% on 2d-a and 1d-b, and within 7% of the best on the kernel-mixing conv. One a step
+# (``scan``) was 1.3x-1.6x slower than 8. Independent convs in one step are what XLA:CPU spreads over its
+# threads.
 _DIRECT_SAMPLES_PER_STEP = 8
 
 # XLA:CPU (jax 0.10.2) hands a 2-D NHWC convolution to YNNPACK unless, among other things, its output is
 # larger than its input along a spatial dim (xla/backends/cpu/ynn_support.cc, IsConvolutionOpSupportedByYnn;
-# a workaround there, b/476207717). On these per-sample convs YNNPACK ran 1.3x-1.5x slower than XLA's own
+# a workaround there, b/476207717). On these per-sample convs YNNPACK ran 1.1x-1.5x slower than XLA's own
 # (Eigen) convolution: forward, 8 a step, 2d-a 9.0 vs 6.7 ms, the kernel-mixing conv 35.9 vs 24.5 ms, 2d-c
 # 74 vs 65 ms. So a 2-D conv with unit stride along its first spatial dim computes enough extra output rows
 # to be larger than its input, and drops them, unless that would add more than 1 / _MAX_EXTRA_ROWS_SHARE
@@ -367,9 +370,11 @@ def direct_extra_rows(spatial: Sequence[int], kernel_size: Sequence[int], spec: 
     """How many output rows :func:`conv_direct_sample` adds along the first spatial dim (0: none)."""
     if len(spatial) != 2 or spec.strides[0] != 1:
         return 0
-    input_rows = (spatial[0] - 1) * spec.input_dilation[0] + 1  # as shared_conv dilates it
-    output_rows = output_spatial_shape(spatial, kernel_size, spec)[0]
-    extra = max(0, input_rows - output_rows + 1)
+    conv_input = [(size - 1) * dilation + 1 for size, dilation in zip(spatial, spec.input_dilation, strict=True)]
+    output_rows, output_columns = output_spatial_shape(spatial, kernel_size, spec)  # (shared_conv dilates the input)
+    if output_columns > conv_input[1]:  # already larger than the input: YNNPACK declines it as it is
+        return 0
+    extra = max(0, conv_input[0] - output_rows + 1)
     return extra if extra * _MAX_EXTRA_ROWS_SHARE <= output_rows else 0
 
 
@@ -399,8 +404,8 @@ def conv_direct_sample_channels_first(inputs: jax.Array, kernels: jax.Array, spe
 
 
 def _map_in_steps(sample_fn: Lowering, inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
-    """``sample_fn`` over the batch, :data:`_DIRECT_SAMPLES_PER_STEP` samples a ``lax.map`` step, each its own
-    call in the step's body; a ragged last few samples run after the loop."""
+    """``sample_fn`` over a batch of at least one sample, :data:`_DIRECT_SAMPLES_PER_STEP` samples a
+    ``lax.map`` step, each its own call in the step's body; a ragged last few samples run after the loop."""
 
     def step(pair: tuple[jax.Array, jax.Array]) -> jax.Array:
         xs, ws = pair
@@ -515,22 +520,28 @@ def conv_direct_method(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) ->
 
 
 # The CPU rule's bounds (2 cores, jax 0.10.2, 2026-11-21, ``direct`` / ``im2col`` in one process, float32,
-# G = 1, value and gradients of sum(y * g)). Channels last, fwd+bwd: 2d-a 0.90, the kernel-mixing conv 0.86,
-# 1d-a 0.95 (32-64 channels); with 128-256 channels 1d-b 0.89, 2d-b 1.04, 2d-c 1.14. Channels first, where
-# direct transposes each sample: 2d-a 0.92, kernel-mixing conv 0.90, 1d-a 0.86; with 128-256 channels
-# 1d-b 1.01, 2d-b 1.08, 2d-c 1.23, forward 1.39-1.94. 3-D convs were 4x-7x slower through XLA's
-# convolution than im2col (dense 3d-a-sized conv 43 ms vs im2col's per-sample 11 ms).
+# G = 1, value and gradients of sum(y * g)). Channels first, where direct transposes each sample: 2d-a 0.92,
+# kernel-mixing conv 0.90, 1d-a 0.86 (32-64 channels); with 128-256 channels 1d-b 1.01, 2d-b 1.08, 2d-c 1.23,
+# forward 1.39-1.94. Channels last: 2d-a 0.90, the kernel-mixing conv 0.86, 1d-a 0.95; with 128-256 channels
+# 1d-b 0.89, 2d-b 1.04, 2d-c 1.14. One bound serves both layouts and follows the channels-first figures,
+# so channels-last 1d-b stays on im2col though direct was faster there. The large-channel shapes are also
+# the ones with few output positions (32-64) and, but for 2d-c, stride 2: the figures cannot tell which of
+# these decides. 3-D convs were 4x-7x slower through XLA's convolution than im2col (dense 3d-a-sized conv
+# 43 ms vs im2col's per-sample 11 ms). 2-D convs that YNNPACK would take (see :func:`direct_extra_rows`)
+# were not measured through ``direct`` with im2col's derivatives, so they stay on im2col.
 _DIRECT_MAX_CHANNELS = 64
 
 
 def uses_direct(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec, *, channels_first: bool) -> bool:
-    """Whether ``auto`` on CPU takes ``direct`` rather than ``im2col``: float32, 1-D or 2-D, G = 1, at most
-    :data:`_DIRECT_MAX_CHANNELS` channels in and out, and a sample large enough that ``im2col`` would
-    loop over samples too (:data:`_PER_SAMPLE_MATMUL_MACS`)."""
+    """Whether ``auto`` on CPU takes ``direct`` rather than ``im2col``: float32, 1-D, or 2-D with the extra
+    rows that keep it from YNNPACK, G = 1, at most :data:`_DIRECT_MAX_CHANNELS` channels in and out, and a
+    sample large enough that ``im2col`` would loop over samples too (:data:`_PER_SAMPLE_MATMUL_MACS`)."""
     dims = _Dims.of(inputs, kernels, channels_first=channels_first)
+    kept_from_ynnpack = len(dims.spatial) == 1 or direct_extra_rows(dims.spatial, dims.kernel_size, spec) > 0
     return (
         inputs.dtype == jnp.float32
         and len(dims.spatial) <= 2
+        and kept_from_ynnpack
         and max(dims.in_channels, dims.out_channels) <= _DIRECT_MAX_CHANNELS
         and dims.matmul_macs(spec) >= _PER_SAMPLE_MATMUL_MACS
     )
@@ -571,8 +582,9 @@ CHANNELS_FIRST_FORMS: dict[Lowering, Lowering] = {
 def choose_lowering(backend: str) -> Lowering:
     """The ``method="auto"`` rule.
 
-    * CPU: :func:`conv_cpu_auto`: ``direct`` for float32 1-D and 2-D convs with G = 1, at most 64 channels
-      and a sample's matmul of at least 2^20 multiply-adds (:func:`uses_direct`), else ``im2col``. Measured
+    * CPU: :func:`conv_cpu_auto`: ``direct`` for float32 1-D convs, and 2-D ones it can keep from YNNPACK,
+      with G = 1, at most 64 channels and a sample's matmul of at least 2^20 multiply-adds
+      (:func:`uses_direct`), else ``im2col``. Measured
       on 2 cores (figures at :data:`_DIRECT_MAX_CHANNELS`, benchmarks/per_sample_conv.py). Both take
       their derivatives from im2col's matmuls: the direct-conv lowerings' autodiff kernel gradient is
       XLA:CPU's masked batch-group conv (``vmap``, ``grouped``) or a per-sample conv (``scan``), 10x-100x

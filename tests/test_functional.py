@@ -255,10 +255,13 @@ def reoriented_kernel_grad(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_lowerings, "reorients_kernel_grad", lambda *args: True)
 
 
+@pytest.mark.parametrize("method", ["im2col", "direct"])  # direct takes im2col's derivatives, this one included
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_reoriented_kernel_grad_matches_float64_reference(case: Case, reoriented_kernel_grad: None) -> None:
+def test_reoriented_kernel_grad_matches_float64_reference(
+    case: Case, method: str, reoriented_kernel_grad: None
+) -> None:
     x, w, b = _random(case, seed=21)
-    fn = _conv_fn(case, "im2col")
+    fn = _conv_fn(case, method)
     out, vjp = jax.vjp(fn, x, w, b)
     assert_close(out, reference.conv(x, w, b, case.geometry), F32_RTOL)
     cotangent = np.random.default_rng(22).standard_normal(out.shape).astype(np.float32)
@@ -267,7 +270,7 @@ def test_reoriented_kernel_grad_matches_float64_reference(case: Case, reoriented
         assert_close(got, want, F32_RTOL, name)
     # Forward mode: conv is bilinear, d conv = conv(dx, w) + conv(x, dw).
     dx, dw, _ = _random(case, seed=23)
-    _, tangent = jax.jvp(lambda x, w: jdc.per_sample_conv(x, w, method="im2col", **case.kwargs), (x, w), (dx, dw))
+    _, tangent = jax.jvp(lambda x, w: jdc.per_sample_conv(x, w, method=method, **case.kwargs), (x, w), (dx, dw))
     expected = reference.conv(dx, w, None, case.geometry) + reference.conv(x, dw, None, case.geometry)
     assert_close(tangent, expected, F32_RTOL, "jvp")
 

@@ -126,7 +126,9 @@ def _ynnpack_convolutions(compiled_hlo: str) -> tuple[int, int]:
     return in_ynnpack, compiled_hlo.count(" convolution(")
 
 
-def test_direct_keeps_2d_convs_from_ynnpack() -> None:
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="YNNPACK is XLA:CPU's")
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_direct_keeps_2d_convs_from_ynnpack(data_format: str) -> None:
     """The reason for the extra rows (see :func:`_lowerings.conv_direct_sample`), checked on XLA's program.
 
     If this fails after a jax upgrade, XLA changed which convs it hands to YNNPACK: re-measure ``direct``.
@@ -135,50 +137,67 @@ def test_direct_keeps_2d_convs_from_ynnpack() -> None:
     spec = case.spec()
     x = jnp.ones((16, *case.spatial, 24), jnp.float32)  # YNNPACK takes convs of more than 16 channels
     w = jnp.ones((16, *case.kernel_size, 24, 24), jnp.float32)
-    direct = jax.jit(lambda x, w: _lowerings.conv_direct(x, w, spec)).lower(x, w).compile().as_text()
-    in_ynnpack, total = _ynnpack_convolutions(direct)
+    if data_format == "channels_last":
+        direct = functools.partial(_lowerings.conv_direct, spec=spec)
+    else:
+        x, w = jnp.moveaxis(x, -1, 1), jnp.moveaxis(w, (-1, -2), (1, 2))
+        direct = functools.partial(_lowerings.conv_direct_channels_first, spec=spec)
+    in_ynnpack, total = _ynnpack_convolutions(jax.jit(direct).lower(x, w).compile().as_text())
     assert (in_ynnpack, total) == (0, 8)  # one conv per sample of the 8-sample step, none in YNNPACK
     # And the check can fail: the same per-sample conv without the extra row goes to YNNPACK.
-    plain = jax.jit(lambda x, w: _lowerings.shared_conv(x[:1], w[0], spec, 1)).lower(x, w).compile().as_text()
+    x1, w1 = jnp.ones((1, *case.spatial, 24), jnp.float32), jnp.ones((*case.kernel_size, 24, 24), jnp.float32)
+    plain = jax.jit(lambda x, w: _lowerings.shared_conv(x, w, spec, 1)).lower(x1, w1).compile().as_text()
     assert _ynnpack_convolutions(plain) == (1, 1)
 
 
 @pytest.mark.parametrize(
-    ("spatial", "channels", "groups", "dtype", "channels_first", "expected"),
+    ("spatial", "in_channels", "out_channels", "strides", "groups", "dtype", "channels_first", "expected"),
     [
-        ((32, 32), 64, 1, jnp.float32, False, True),  # the kernel-mixing conv
-        ((32, 32), 64, 1, jnp.float32, True, True),  # the same in PyTorch's layout
-        ((128,), 64, 1, jnp.float32, True, True),  # 1d-a
-        ((16, 16), 128, 1, jnp.float32, False, False),  # 2d-b-sized: more than 64 channels
-        ((8, 8, 8), 32, 1, jnp.float32, False, False),  # 3d-a: 3-D stays im2col
-        ((32, 32), 64, 2, jnp.float32, False, False),  # grouped: not measured
-        ((32, 32), 64, 1, jnp.bfloat16, False, False),  # not float32: not measured
-        ((16,), 8, 1, jnp.float32, False, False),  # seed-sized: too small a sample to loop over
+        ((32, 32), 64, 64, 1, 1, jnp.float32, False, True),  # the kernel-mixing conv
+        ((32, 32), 64, 64, 1, 1, jnp.float32, True, True),  # the same in PyTorch's layout
+        ((128,), 64, 64, 1, 1, jnp.float32, True, True),  # 1d-a
+        ((16, 16), 128, 128, 1, 1, jnp.float32, False, False),  # more than 64 channels
+        ((16, 16), 128, 128, 1, 1, jnp.float32, True, False),  # the same in PyTorch's layout
+        ((32, 32), 32, 128, 1, 1, jnp.float32, False, False),  # more than 64 channels out only
+        ((32, 32), 128, 32, 1, 1, jnp.float32, True, False),  # more than 64 channels in only
+        ((32, 32), 64, 64, 2, 1, jnp.float32, False, False),  # 2-D, stride 2: YNNPACK's, not measured
+        ((8, 8, 8), 32, 32, 1, 1, jnp.float32, False, False),  # 3d-a: 3-D stays im2col
+        ((32, 32), 64, 64, 1, 2, jnp.float32, False, False),  # grouped: not measured
+        ((32, 32), 64, 64, 1, 1, jnp.bfloat16, False, False),  # not float32: not measured
+        ((16,), 8, 8, 1, 1, jnp.float32, False, False),  # seed-sized: too small a sample to loop over
     ],
 )
-def test_direct_rule(spatial, channels, groups, dtype, channels_first, expected) -> None:
+def test_direct_rule(spatial, in_channels, out_channels, strides, groups, dtype, channels_first, expected) -> None:
     n = len(spatial)
     if channels_first:
-        inputs = jax.ShapeDtypeStruct((64, channels, *spatial), dtype)
-        kernels = jax.ShapeDtypeStruct((64, channels, channels // groups, *(3,) * n), dtype)
+        inputs = jax.ShapeDtypeStruct((64, in_channels, *spatial), dtype)
+        kernels = jax.ShapeDtypeStruct((64, out_channels, in_channels // groups, *(3,) * n), dtype)
     else:
-        inputs = jax.ShapeDtypeStruct((64, *spatial, channels), dtype)
-        kernels = jax.ShapeDtypeStruct((64, *(3,) * n, channels // groups, channels), dtype)
-    spec = _lowerings.ConvSpec((1,) * n, ((1, 1),) * n, (1,) * n, (1,) * n, groups)
+        inputs = jax.ShapeDtypeStruct((64, *spatial, in_channels), dtype)
+        kernels = jax.ShapeDtypeStruct((64, *(3,) * n, in_channels // groups, out_channels), dtype)
+    spec = _lowerings.ConvSpec((strides,) * n, ((1, 1),) * n, (1,) * n, (1,) * n, groups)
     assert _lowerings.uses_direct(inputs, kernels, spec, channels_first=channels_first) is expected
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
-def test_auto_takes_direct_where_the_rule_says(data_format: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``auto`` on CPU: a conv per sample where :func:`uses_direct` holds, im2col's matmuls otherwise."""
-    x = jnp.ones((3, 5, 6, 2) if data_format == "channels_last" else (3, 2, 5, 6), jnp.float32)
-    w = jnp.ones((3, 3, 3, 2, 4) if data_format == "channels_last" else (3, 4, 2, 3, 3), jnp.float32)
+def test_cpu_auto_takes_direct_where_the_rule_says(data_format: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` on CPU: a conv per sample where :func:`uses_direct` holds, im2col's matmuls otherwise; the rule
+    asked about the arguments' own layout."""
+    channels_first = data_format == "channels_first"
+    x = jnp.ones((3, 2, 5, 6) if channels_first else (3, 5, 6, 2), jnp.float32)
+    w = jnp.ones((3, 4, 2, 3, 3) if channels_first else (3, 3, 3, 2, 4), jnp.float32)
+    spec = _lowerings.ConvSpec((1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
+    auto = _lowerings.CHANNELS_FIRST_FORMS[_lowerings.conv_cpu_auto] if channels_first else _lowerings.conv_cpu_auto
+    asked = []
 
-    def convs() -> int:
-        fn = functools.partial(per_sample_conv, padding=1, data_format=data_format)
-        return len(equation_params("conv_general_dilated", fn, x, w))
+    def convs(answer: bool) -> int:
+        def rule(inputs: Any, kernels: Any, spec: Any, *, channels_first: bool) -> bool:
+            asked.append(channels_first)
+            return answer
 
-    monkeypatch.setattr(_lowerings, "uses_direct", lambda *args, **kwargs: True)
-    assert convs() == 3
-    monkeypatch.setattr(_lowerings, "uses_direct", lambda *args, **kwargs: False)
-    assert convs() == 0
+        monkeypatch.setattr(_lowerings, "uses_direct", rule)
+        return len(equation_params("conv_general_dilated", functools.partial(auto, spec=spec), x, w))
+
+    assert convs(True) == 3
+    assert convs(False) == 0
+    assert asked == [channels_first, channels_first]
