@@ -38,7 +38,7 @@ def test_exactly_two_setup_commands_and_ci_runs_the_test_one() -> None:
     assert len(setup) == 2
     main_example, test_command = setup
     assert main_example.endswith(".venv/bin/python examples/train.py")
-    assert test_command.endswith(".venv/bin/python -m pytest -q")
+    assert test_command.endswith(".venv/bin/python -m pytest -q -n 2")
     ci = (README.parent / ".ci" / "run").read_text().splitlines()
     assert test_command in ci
 
