@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import jdynconv as jdc
+from jdynconv.functional import METHODS
 
 
 def _x(*shape: int, dtype: Any = np.float32) -> np.ndarray:
@@ -201,7 +202,7 @@ def test_zero_kernel_size() -> None:
     )
 
 
-@pytest.mark.parametrize("method", ["auto", "vmap", "grouped", "scan", "im2col", "hybrid"])
+@pytest.mark.parametrize("method", METHODS)
 def test_empty_batch_gives_an_empty_result(method: str) -> None:
     out = jdc.per_sample_conv(_x(0, 8, 2), _x(0, 3, 2, 4), strides=2, method=method)
     assert out.shape == (0, 4, 4)
