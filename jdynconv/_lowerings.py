@@ -528,7 +528,8 @@ def conv_direct_method(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) ->
 # the ones with few output positions (32-64) and, but for 2d-c, stride 2: the figures cannot tell which of
 # these decides. 3-D convs were 4x-7x slower through XLA's convolution than im2col (dense 3d-a-sized conv
 # 43 ms vs im2col's per-sample 11 ms). 2-D convs that YNNPACK would take (see :func:`direct_extra_rows`)
-# were not measured through ``direct`` with im2col's derivatives, so they stay on im2col.
+# were measured through ``direct`` only at 128 channels (2d-b, stride 2: 1.04 and 1.08 above), so they stay
+# on im2col.
 _DIRECT_MAX_CHANNELS = 64
 
 
@@ -584,11 +585,10 @@ def choose_lowering(backend: str) -> Lowering:
 
     * CPU: :func:`conv_cpu_auto`: ``direct`` for float32 1-D convs, and 2-D ones it can keep from YNNPACK,
       with G = 1, at most 64 channels and a sample's matmul of at least 2^20 multiply-adds
-      (:func:`uses_direct`), else ``im2col``. Measured
-      on 2 cores (figures at :data:`_DIRECT_MAX_CHANNELS`, benchmarks/per_sample_conv.py). Both take
-      their derivatives from im2col's matmuls: the direct-conv lowerings' autodiff kernel gradient is
-      XLA:CPU's masked batch-group conv (``vmap``, ``grouped``) or a per-sample conv (``scan``), 10x-100x
-      slower.
+      (:func:`uses_direct`), else ``im2col``. Measured on 2 cores (figures at
+      :data:`_DIRECT_MAX_CHANNELS`, benchmarks/per_sample_conv.py). Both take their derivatives from
+      im2col's matmuls: the direct-conv lowerings' autodiff kernel gradient is XLA:CPU's masked
+      batch-group conv (``vmap``, ``grouped``) or a per-sample conv (``scan``), 10x-100x slower.
     * GPU/TPU: values from ``grouped`` (one cuDNN/TPU grouped conv), derivatives from ``im2col``,
       which avoids the batch-group kernel gradient reported slow on GPU (jax issue 13800).
     """
