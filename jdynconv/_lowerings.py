@@ -541,8 +541,7 @@ def uses_direct(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec, *, channe
     kept_from_ynnpack = len(dims.spatial) == 1 or direct_extra_rows(dims.spatial, dims.kernel_size, spec) > 0
     return (
         inputs.dtype == jnp.float32
-        and len(dims.spatial) <= 2
-        and kept_from_ynnpack
+        and kept_from_ynnpack  # 1-D, or 2-D with the extra rows: never 3-D
         and max(dims.in_channels, dims.out_channels) <= _DIRECT_MAX_CHANNELS
         and dims.matmul_macs(spec) >= _PER_SAMPLE_MATMUL_MACS
     )
