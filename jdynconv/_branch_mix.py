@@ -25,7 +25,7 @@ import numpy as np
 from flax.nnx.nn.dtypes import promote_dtype
 from jax import lax
 
-from jdynconv import _checks, _lowerings
+from jdynconv import _checks, _conv_spec, _im2col
 from jdynconv.functional import conv_spec, mix_outputs
 
 Activation = Callable[[jax.Array], jax.Array]
@@ -170,7 +170,7 @@ def branch_mix(
     mean: jax.Array,
     var: jax.Array,
     *,
-    spec: _lowerings.ConvSpec,
+    spec: _conv_spec.ConvSpec,
     training: bool,
     norm: NormConfig,
     activation: Activation,
@@ -191,7 +191,7 @@ def branch_mix(
     groups = spec.feature_group_count
     k = params.scale.shape[0]
     kernel = fused_kernel(params.kernel, groups)
-    out = _lowerings.shared_conv(inputs, kernel, spec, groups)
+    out = _conv_spec.shared_conv(inputs, kernel, spec, groups)
     if params.bias is not None:
         out = out + _per_channel(_to_fused(params.bias, groups).astype(out.dtype), out.ndim)
     fused = [_to_fused(p, groups) for p in (params.scale, params.offset, mean, var)]
@@ -225,7 +225,7 @@ def branch_mix_chunked(
     mean: jax.Array,
     var: jax.Array,
     *,
-    spec: _lowerings.ConvSpec,
+    spec: _conv_spec.ConvSpec,
     training: bool,
     norm: NormConfig,
     activation: Activation,
@@ -244,14 +244,14 @@ def branch_mix_chunked(
     groups = spec.feature_group_count
     k, features = params.scale.shape
     batch = inputs.shape[0]
-    out_spatial = _lowerings.output_spatial_shape(inputs.shape[1:-1], params.kernel.shape[1:-2], spec)
+    out_spatial = _conv_spec.output_spatial_shape(inputs.shape[1:-1], params.kernel.shape[1:-2], spec)
     positions = int(np.prod(out_spatial))
     stats_dtype = _stats_dtype(inputs.dtype)
     # A chunk holds its branch outputs and, for the kernel gradient, its im2col patches: size it by the
     # larger (many input channels and few outputs make the patches the larger).
     outputs_bytes = positions * k * features * jnp.dtype(stats_dtype).itemsize
     patch_bytes = positions * int(np.prod(params.kernel.shape[1:-2])) * inputs.shape[-1] * inputs.dtype.itemsize
-    chunk = _lowerings.chunk_size(batch, max(outputs_bytes, patch_bytes))
+    chunk = _im2col.chunk_size(batch, max(outputs_bytes, patch_bytes))
     # At least 2 samples when there are 2: chunks of one sample differentiate into other primitives
     # (size-1 axes), so the program would change with k (at the seed's shape, k = 32 -> 1 sample).
     chunk = min(batch, max(chunk, 2))
@@ -269,7 +269,7 @@ def branch_mix_chunked(
 
     def branch_outputs(x: jax.Array) -> jax.Array:
         """The chunk's fused conv, ``(c, *out, k * F)``; its kernel gradient is a matmul (fast in a loop)."""
-        out = _lowerings.shared_conv_matmul_kernel_grad(x, kernel.astype(x.dtype), spec, groups)
+        out = _im2col.shared_conv_matmul_kernel_grad(x, kernel.astype(x.dtype), spec, groups)
         return out if bias is None else out + _per_channel(bias.astype(out.dtype), out.ndim)
 
     if training:
@@ -311,7 +311,7 @@ def branch_mix_rematerialised(
     mean: jax.Array,
     var: jax.Array,
     *,
-    spec: _lowerings.ConvSpec,
+    spec: _conv_spec.ConvSpec,
     training: bool,
     norm: NormConfig,
     activation: Activation,
@@ -328,14 +328,14 @@ def branch_mix_rematerialised(
     @jax.checkpoint
     def add_branch(total: jax.Array, branch: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         kernel, bias, scale, offset, branch_mean, branch_var, weight = branch
-        out = _lowerings.shared_conv_matmul_kernel_grad(inputs, kernel, spec, groups)
+        out = _im2col.shared_conv_matmul_kernel_grad(inputs, kernel, spec, groups)
         if bias is not None:
             out = out + _per_channel(bias.astype(out.dtype), out.ndim)
         normalised, stats = _batch_norm(out, scale, offset, branch_mean, branch_var, training=training, norm=norm)
         weight = weight.astype(total.dtype).reshape((-1,) + (1,) * (total.ndim - 1))
         return total + weight * activation(normalised).astype(total.dtype), stats
 
-    out_spatial = _lowerings.output_spatial_shape(inputs.shape[1:-1], params.kernel.shape[1:-2], spec)
+    out_spatial = _conv_spec.output_spatial_shape(inputs.shape[1:-1], params.kernel.shape[1:-2], spec)
     out_dtype = spec.preferred_element_type or inputs.dtype
     total = jnp.zeros((inputs.shape[0], *out_spatial, params.scale.shape[1]), out_dtype)
     branches = (*params, mean, var, gate_weights.T)

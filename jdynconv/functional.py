@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jdynconv import _checks, _lowerings
+from jdynconv import _checks, _conv_spec, _lowerings
 
 DataFormat = Literal["channels_last", "channels_first"]
 Method = Literal["auto", "vmap", "grouped", "scan", "im2col", "direct", "hybrid"]
@@ -118,7 +118,7 @@ def per_sample_conv(
     lowering = _lowerings.choose_lowering(jax.default_backend()) if method == "auto" else _lowerings.LOWERINGS[method]
     if batch == 0:
         # An empty batch has an empty result; the lowerings' reshapes and B * G groups cannot express it.
-        out_spatial = _lowerings.output_spatial_shape(spatial, kernel_size, spec)
+        out_spatial = _conv_spec.output_spatial_shape(spatial, kernel_size, spec)
         out = jnp.zeros((0, *out_spatial, out_channels), preferred_element_type or inputs.dtype)
         out = jnp.moveaxis(out, -1, 1) if channels_first else out
     elif channels_first and lowering in _lowerings.CHANNELS_FIRST_FORMS:
@@ -145,7 +145,7 @@ def conv_spec(
     feature_group_count: int,
     precision: Any = None,
     preferred_element_type: Any = None,
-) -> _lowerings.ConvSpec:
+) -> _conv_spec.ConvSpec:
     """Validates and canonicalises conv hyper-parameters for inputs of ``spatial`` shape.
 
     Raises if the (dilated) kernel does not fit the padded input. Shared by every jdynconv layer.
@@ -170,7 +170,7 @@ def conv_spec(
         kernel_dilation=kernel_dilation_t,
         input_dilation=input_dilation_t,
     )
-    return _lowerings.ConvSpec(
+    return _conv_spec.ConvSpec(
         strides=strides_t,
         pads=pads,
         kernel_dilation=kernel_dilation_t,

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import jdynconv as jdc
-from jdynconv import _lowerings
+from jdynconv import _im2col
 from jdynconv.functional import DATA_FORMATS, METHODS
 from tests import reference
 from tests.helpers import assert_close, equation_operand_shapes, equation_params
@@ -98,7 +98,7 @@ CASES = [
         _geo((1, 2, 1), ((0, 0),) * 3),
     ),
     Case("3d_same", 2, 2, 2, (3, 4, 4), (3, 3, 3), {}, _geo((1, 1, 1), ((1, 1),) * 3)),
-    # XLA:CPU aborted the process compiling lax's input gradient of this one (see _lowerings.shared_conv).
+    # XLA:CPU aborted the process compiling lax's input gradient of this one (see _conv_spec.shared_conv).
     Case(
         "2d_input_dilation_strided",
         2,
@@ -252,7 +252,7 @@ def _scalar_loss(case: Case, method: str):
 def reoriented_kernel_grad(monkeypatch: pytest.MonkeyPatch) -> None:
     """``im2col``'s reoriented kernel gradient (a custom JVP) on every case, grouped ones included; by its
     rule only large, split, ungrouped batches take it, none of the small test cases."""
-    monkeypatch.setattr(_lowerings, "reorients_kernel_grad", lambda *args: True)
+    monkeypatch.setattr(_im2col, "reorients_kernel_grad", lambda *args: True)
 
 
 @pytest.mark.parametrize("method", ["im2col", "direct"])  # direct takes im2col's derivatives, this one included
@@ -291,22 +291,6 @@ def test_reoriented_kernel_grad_contracts_channel_major_patches(reoriented_kerne
 def test_plain_kernel_grad_contracts_tap_major_patches() -> None:
     """The check above can fail: by default that small case takes plain autodiff."""
     assert not _kernel_grad_contracts_channel_major_patches(CASES[8])
-
-
-@pytest.mark.parametrize(
-    ("batch", "spatial", "channels", "groups", "expected"),
-    [
-        (64, (32, 32), 64, 1, True),  # the kernel-mixing conv: 1024 positions, two samples a step
-        (64, (32, 32), 64, 2, False),  # grouped: not measured
-        (128, (8, 8), 256, 1, False),  # 2d-c: 64 positions
-        (2, (32, 32), 64, 1, False),  # the whole batch in one step: plain autodiff keeps the patches
-    ],
-)
-def test_reoriented_kernel_grad_rule(batch: int, spatial: tuple[int, ...], channels: int, groups: int, expected: bool):
-    inputs = jax.ShapeDtypeStruct((batch, *spatial, channels), jnp.float32)
-    kernels = jax.ShapeDtypeStruct((batch, 3, 3, channels // groups, channels), jnp.float32)
-    spec = _lowerings.ConvSpec((1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), groups)
-    assert _lowerings.reorients_kernel_grad(inputs, kernels, spec) is expected
 
 
 @pytest.mark.parametrize(
@@ -407,12 +391,6 @@ def test_fast_gradients_have_no_batch_group_conv(case: Case, method: str) -> Non
         lambda x, w: jnp.sum(jdc.per_sample_conv(x, w, method="vmap", **case.kwargs) ** 2), argnums=(0, 1)
     )
     assert any(count == case.batch * case.geometry.groups for count in _conv_batch_group_counts(grad_vmap, x, w))
-
-
-def test_auto_rule_by_backend() -> None:
-    assert _lowerings.choose_lowering("cpu") is _lowerings.conv_cpu_auto
-    assert _lowerings.choose_lowering("gpu") is _lowerings.conv_grouped_im2col_grad
-    assert _lowerings.choose_lowering("tpu") is _lowerings.conv_grouped_im2col_grad
 
 
 IM2COL_CHUNKING_CASES = [

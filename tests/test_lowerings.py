@@ -1,153 +1,16 @@
-"""Lowering helpers not reached through per_sample_conv's ``method``: checked against float64 references."""
+"""``auto``'s rule: which lowering it takes, by backend and on CPU by shape."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from jdynconv import _lowerings
-from jdynconv.functional import conv_spec, per_sample_conv
-from tests import reference
-from tests.helpers import assert_close, equation_params
-
-
-@pytest.mark.parametrize(
-    ("spatial", "kernel_size", "in_channels", "out_channels", "groups", "stride"),
-    [((7, 6), (3, 3), 3, 32, 1, 1), ((9,), (3,), 4, 8, 2, 2), ((4, 5, 4), (2, 3, 1), 2, 12, 1, 1)],
-)
-def test_shared_conv_with_matmul_kernel_grad(spatial, kernel_size, in_channels, out_channels, groups, stride) -> None:
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, *spatial, in_channels)).astype(np.float32)
-    kernel = rng.standard_normal((*kernel_size, in_channels // groups, out_channels)).astype(np.float32)
-    spec = conv_spec(
-        spatial, kernel_size, strides=stride, padding=1, kernel_dilation=1, input_dilation=1, feature_group_count=groups
-    )
-    fn = jax.jit(lambda x, k: _lowerings.shared_conv_matmul_kernel_grad(x, k, spec, groups))
-    out, vjp = jax.vjp(fn, x, kernel)
-    geo = reference.Geometry(spec.strides, spec.pads, spec.kernel_dilation, spec.input_dilation, groups)
-    per_sample = np.broadcast_to(kernel, (3, *kernel.shape))
-    assert_close(out, reference.conv(x, per_sample, None, geo), 1e-5, "forward")
-    cotangent = rng.standard_normal(out.shape).astype(np.float32)
-    d_x, d_kernel = jax.jit(vjp)(cotangent)
-    ref_x, ref_w, _ = reference.conv_vjp(x, per_sample, cotangent, geo)
-    assert_close(d_x, ref_x, 1e-5, "d_inputs")
-    # A shared kernel's gradient is the sum of the per-sample kernel gradients.
-    assert_close(d_kernel, ref_w.sum(axis=0), 1e-5, "d_kernel")
-    # Forward mode too (it is a custom JVP).
-    _, tangent = jax.jvp(fn, (x, kernel), (x, kernel))
-    assert_close(tangent, 2 * reference.conv(x, per_sample, None, geo), 1e-5, "jvp")
-
-
-@dataclasses.dataclass(frozen=True)
-class DirectCase:
-    """A per-sample conv for the ``direct`` lowering: how many output rows it adds, how many loop steps it takes."""
-
-    name: str
-    batch: int
-    spatial: tuple[int, ...]
-    kernel_size: tuple[int, ...]
-    in_channels: int
-    out_channels: int
-    kwargs: dict[str, Any]
-    extra_rows: int
-    loop_steps: int  # 0: the batch is smaller than a step, no loop
-
-    def spec(self) -> _lowerings.ConvSpec:
-        return conv_spec(
-            self.spatial,
-            self.kernel_size,
-            strides=self.kwargs.get("strides", 1),
-            padding=self.kwargs.get("padding", "SAME"),
-            kernel_dilation=self.kwargs.get("kernel_dilation", 1),
-            input_dilation=self.kwargs.get("input_dilation", 1),
-            feature_group_count=self.kwargs.get("feature_group_count", 1),
-        )
-
-
-DIRECT_CASES = [
-    # Two steps of 8 and a ragged 3; SAME keeps 8 rows, one more makes the output larger than the input.
-    DirectCase("loop_and_ragged_same", 19, (8, 5), (3, 3), 3, 4, {"padding": "SAME"}, 1, 2),
-    # VALID drops 2 of 34 rows, so 3 more; grouped; one step and a ragged 1.
-    DirectCase("valid_grouped", 9, (34, 4), (3, 3), 4, 6, {"padding": "VALID", "feature_group_count": 2}, 3, 1),
-    # Input dilation makes the conv's input 17 rows (dilated in shared_conv): output 17, one more.
-    DirectCase("input_dilation", 2, (9, 3), (3, 1), 2, 3, {"padding": (1, 0), "input_dilation": (2, 1)}, 1, 0),
-    # Strided rows: never larger than the input, left to XLA's choice.
-    DirectCase("strided_rows", 10, (9, 8), (3, 3), 2, 3, {"strides": (2, 1), "padding": 1}, 0, 1),
-    # 5 SAME rows + 1 would be 20% more work: left as it is.
-    DirectCase("small_output", 3, (5, 5), (3, 3), 2, 2, {"padding": 1}, 0, 0),
-    DirectCase("1d_dilated", 8, (12,), (3,), 2, 2, {"padding": 2, "kernel_dilation": 2}, 0, 1),
-]
-
-
-@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
-@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: c.name)
-def test_direct_matches_reference_through_its_loop_and_extra_rows(case: DirectCase, data_format: str) -> None:
-    spec = case.spec()
-    assert _lowerings.direct_extra_rows(case.spatial, case.kernel_size, spec) == case.extra_rows
-    rng = np.random.default_rng(1)
-    groups = spec.feature_group_count
-    x = rng.standard_normal((case.batch, *case.spatial, case.in_channels)).astype(np.float32)
-    w_shape = (case.batch, *case.kernel_size, case.in_channels // groups, case.out_channels)
-    w = rng.standard_normal(w_shape).astype(np.float32)
-
-    def conv(x: jax.Array, w: jax.Array) -> jax.Array:  # channels-last arrays either way
-        if data_format == "channels_last":
-            return per_sample_conv(x, w, method="direct", **case.kwargs)
-        x_cf, w_cf = jnp.moveaxis(x, -1, 1), jnp.moveaxis(w, (-1, -2), (1, 2))
-        out = per_sample_conv(x_cf, w_cf, data_format="channels_first", method="direct", **case.kwargs)
-        return jnp.moveaxis(out, 1, -1)
-
-    geo = reference.Geometry(spec.strides, spec.pads, spec.kernel_dilation, spec.input_dilation, groups)
-    out, vjp = jax.vjp(jax.jit(conv), x, w)
-    assert_close(out, reference.conv(x, w, None, geo), 1e-5, "forward")
-    cotangent = rng.standard_normal(out.shape).astype(np.float32)
-    ref_x, ref_w, _ = reference.conv_vjp(x, w, cotangent, geo)
-    d_x, d_w = jax.jit(vjp)(cotangent)
-    assert_close(d_x, ref_x, 1e-5, "d_inputs")
-    assert_close(d_w, ref_w, 1e-5, "d_kernels")
-    _, tangent = jax.jvp(conv, (x, w), (x, w))  # bilinear: conv(dx, w) + conv(x, dw) = 2 conv(x, w) here
-    assert_close(tangent, 2 * reference.conv(x, w, None, geo), 1e-5, "jvp")
-    lengths = [params["length"] for params in equation_params("scan", conv, x, w)]
-    assert lengths == ([case.loop_steps] if case.loop_steps else [])
-
-
-def _ynnpack_convolutions(compiled_hlo: str) -> tuple[int, int]:
-    """(convolutions in YNNPACK fusions, all convolutions) in XLA:CPU's compiled program text."""
-    computations = dict(re.findall(r"^%(\S+) \(.*?\{\n(.*?)^\}", compiled_hlo, flags=re.M | re.S))
-    called = re.findall(r"calls=%([\w.\-]+).*__ynn_fusion", compiled_hlo)
-    in_ynnpack = sum(computations.get(name, "").count(" convolution(") for name in called)
-    return in_ynnpack, compiled_hlo.count(" convolution(")
-
-
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="YNNPACK is XLA:CPU's")
-@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
-def test_direct_keeps_2d_convs_from_ynnpack(data_format: str) -> None:
-    """The reason for the extra rows (see :func:`_lowerings.conv_direct_sample`), checked on XLA's program.
-
-    If this fails after a jax upgrade, XLA changed which convs it hands to YNNPACK: re-measure ``direct``.
-    """
-    case = DIRECT_CASES[0]
-    spec = case.spec()
-    x = jnp.ones((16, *case.spatial, 24), jnp.float32)  # YNNPACK takes convs of more than 16 channels
-    w = jnp.ones((16, *case.kernel_size, 24, 24), jnp.float32)
-    if data_format == "channels_last":
-        direct = functools.partial(_lowerings.conv_direct, spec=spec)
-    else:
-        x, w = jnp.moveaxis(x, -1, 1), jnp.moveaxis(w, (-1, -2), (1, 2))
-        direct = functools.partial(_lowerings.conv_direct_channels_first, spec=spec)
-    in_ynnpack, total = _ynnpack_convolutions(jax.jit(direct).lower(x, w).compile().as_text())
-    assert (in_ynnpack, total) == (0, 8)  # one conv per sample of the 8-sample step, none in YNNPACK
-    # And the check can fail: the same per-sample conv without the extra row goes to YNNPACK.
-    x1, w1 = jnp.ones((1, *case.spatial, 24), jnp.float32), jnp.ones((*case.kernel_size, 24, 24), jnp.float32)
-    plain = jax.jit(lambda x, w: _lowerings.shared_conv(x, w, spec, 1)).lower(x1, w1).compile().as_text()
-    assert _ynnpack_convolutions(plain) == (1, 1)
+from jdynconv import _conv_spec, _lowerings
+from tests.helpers import equation_params
 
 
 @pytest.mark.parametrize(
@@ -175,7 +38,7 @@ def test_direct_rule(spatial, in_channels, out_channels, strides, groups, dtype,
     else:
         inputs = jax.ShapeDtypeStruct((64, *spatial, in_channels), dtype)
         kernels = jax.ShapeDtypeStruct((64, *(3,) * n, in_channels // groups, out_channels), dtype)
-    spec = _lowerings.ConvSpec((strides,) * n, ((1, 1),) * n, (1,) * n, (1,) * n, groups)
+    spec = _conv_spec.ConvSpec((strides,) * n, ((1, 1),) * n, (1,) * n, (1,) * n, groups)
     assert _lowerings.uses_direct(inputs, kernels, spec, channels_first=channels_first) is expected
 
 
@@ -186,7 +49,7 @@ def test_cpu_auto_takes_direct_where_the_rule_says(data_format: str, monkeypatch
     channels_first = data_format == "channels_first"
     x = jnp.ones((3, 2, 5, 6) if channels_first else (3, 5, 6, 2), jnp.float32)
     w = jnp.ones((3, 4, 2, 3, 3) if channels_first else (3, 3, 3, 2, 4), jnp.float32)
-    spec = _lowerings.ConvSpec((1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
+    spec = _conv_spec.ConvSpec((1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
     auto = _lowerings.CHANNELS_FIRST_FORMS[_lowerings.conv_cpu_auto] if channels_first else _lowerings.conv_cpu_auto
     asked = []
 
@@ -201,3 +64,9 @@ def test_cpu_auto_takes_direct_where_the_rule_says(data_format: str, monkeypatch
     assert convs(True) == 3
     assert convs(False) == 0
     assert asked == [channels_first, channels_first]
+
+
+def test_auto_rule_by_backend() -> None:
+    assert _lowerings.choose_lowering("cpu") is _lowerings.conv_cpu_auto
+    assert _lowerings.choose_lowering("gpu") is _lowerings.conv_grouped_im2col_grad
+    assert _lowerings.choose_lowering("tpu") is _lowerings.conv_grouped_im2col_grad
