@@ -1,4 +1,5 @@
-"""The canonical description of one convolution, and XLA's own convolution on it.
+"""The canonical description of one convolution (:class:`ConvSpec`, the sizes rules read as :class:`ConvDims`,
+:func:`output_spatial_shape`), the ``Lowering`` signature, and XLA's own convolution on it (:func:`shared_conv`).
 
 Every lowering (``_lowerings``, ``_im2col``, ``_direct``) takes canonical arguments: channels-last
 ``inputs`` ``(B, *spatial, C_in)``, kernels ``(B, *kernel_size, C_in // G, C_out)`` and a :class:`ConvSpec`

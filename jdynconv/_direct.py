@@ -1,6 +1,8 @@
 """The ``direct`` lowering: XLA's own convolution per sample, a few samples a ``lax.map`` step.
 
-Values only; :func:`conv_direct_method` takes the derivatives from ``im2col`` (a custom JVP).
+Values only; :func:`conv_direct_method` takes the derivatives from ``im2col`` (a custom JVP). A 2-D conv
+with unit stride along its first spatial dim computes a few extra output rows (:func:`direct_extra_rows`),
+so that XLA:CPU runs it with its own convolution rather than YNNPACK, which was slower on these convs.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# ``_im2col.reorients_kernel_grad`` is looked up on the module at call time, so a test patching it there
+# reaches ``direct`` too (a name imported from it would not).
 from jdynconv import _im2col
 from jdynconv._conv_spec import ConvSpec, Lowering, output_spatial_shape, shared_conv
 from jdynconv._im2col import (
@@ -70,7 +74,7 @@ def conv_direct_sample_channels_first(inputs: jax.Array, kernels: jax.Array, spe
 
     Transposed one sample at a time, in the loop: XLA:CPU's convolution is fast channels last only (a
     channels-first conv per sample ran 15x-70x slower), and transposing the whole batch cost more than
-    the convolution in an earlier measurement (see :func:`conv_im2col_sample_channels_first`).
+    the convolution in an earlier measurement (see :func:`_im2col.conv_im2col_sample_channels_first`).
     """
     out = conv_direct_sample(jnp.moveaxis(inputs, 0, -1), jnp.moveaxis(kernels, (0, 1), (-1, -2)), spec)
     return jnp.moveaxis(out, -1, 0)

@@ -1,9 +1,8 @@
 """The ways to lower a per-sample convolution to XLA, all computing the same function, and ``auto``'s rule.
 
-Every lowering takes the canonical arguments of :mod:`jdynconv._conv_spec` (channels last, explicit pads)
-and returns ``(B, *out_spatial, C_out)`` without bias. ``CHANNELS_FIRST_FORMS`` maps a lowering to its form
-taking and returning PyTorch's layout (``(B, C_in, *spatial)``, ``(B, C_out, C_in // G, *kernel_size)``),
-where it has one.
+Every lowering takes and returns the canonical arrays of :mod:`jdynconv._conv_spec`. ``CHANNELS_FIRST_FORMS``
+maps a lowering to its form taking and returning PyTorch's layout (``(B, C_in, *spatial)``,
+``(B, C_out, C_in // G, *kernel_size)``), where it has one.
 
 * ``vmap``: ``jax.vmap`` over ``lax.conv_general_dilated``, the reference semantics. JAX batches it
   into one grouped conv; its kernel gradient is a ``batch_group_count = B`` conv, which XLA:CPU
@@ -13,9 +12,7 @@ where it has one.
 * ``scan``: ``lax.map`` over the batch of an ordinary single-kernel conv (XLA:CPU's direct
   convolution). Its forward is close to ``im2col``'s, a little faster on some small-channel shapes;
   its backward is slow.
-* ``im2col``: gather the ``prod(kernel_size)`` shifted views of the padded input and contract them
-  with the kernels (:mod:`jdynconv._im2col`). Forward and both gradients are matmuls, its gradients far
-  faster on CPU than autodiff through a conv's.
+* ``im2col``: matmuls of input patches with the kernels, both ways (:mod:`jdynconv._im2col`).
 * ``direct``: values from XLA's own convolution per sample, eight samples a ``lax.map`` step (each its own
   conv, so XLA:CPU runs them side by side), 2-D ones with unit stride along their first spatial dim kept
   from YNNPACK (:mod:`jdynconv._direct`); derivatives from ``im2col`` (a custom JVP). The fastest CPU
@@ -31,14 +28,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# The rule's inputs (_direct.direct_extra_rows, _im2col.PER_SAMPLE_MATMUL_MACS) are read from their modules
+# at call time, so they stay the ones those modules use.
+from jdynconv import _direct, _im2col
 from jdynconv._conv_spec import ConvDims, ConvSpec, Lowering, shared_conv
-from jdynconv._direct import conv_direct_channels_first_im2col_grad, conv_direct_method, direct_extra_rows
-from jdynconv._im2col import (
-    PER_SAMPLE_MATMUL_MACS,
-    conv_im2col,
-    conv_im2col_chunked_channels_first,
-    conv_im2col_method,
-)
+from jdynconv._direct import conv_direct_channels_first_im2col_grad, conv_direct_method
+from jdynconv._im2col import conv_im2col, conv_im2col_chunked_channels_first, conv_im2col_method
 from jdynconv._tangent_lowering import with_tangent_lowering
 
 
@@ -84,7 +79,7 @@ conv_grouped_im2col_grad = with_tangent_lowering(conv_grouped, conv_im2col)
 # so channels-last 1d-b stays on im2col though direct was faster there. The large-channel shapes are also
 # the ones with few output positions (32-64) and, but for 2d-c, stride 2: the figures cannot tell which of
 # these decides. 3-D convs were 4x-7x slower through XLA's convolution than im2col (dense 3d-a-sized conv
-# 43 ms vs im2col's per-sample 11 ms). 2-D convs that YNNPACK would take (see :func:`direct_extra_rows`)
+# 43 ms vs im2col's per-sample 11 ms). 2-D convs that YNNPACK would take (see :func:`_direct.direct_extra_rows`)
 # were measured through ``direct`` only at 128 channels (2d-b, stride 2: 1.04 and 1.08 above), so they stay
 # on im2col.
 _DIRECT_MAX_CHANNELS = 64
@@ -93,14 +88,14 @@ _DIRECT_MAX_CHANNELS = 64
 def uses_direct(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec, *, channels_first: bool) -> bool:
     """Whether ``auto`` on CPU takes ``direct`` rather than ``im2col``: float32, 1-D, or 2-D with the extra
     rows that keep it from YNNPACK, G = 1, at most :data:`_DIRECT_MAX_CHANNELS` channels in and out, and a
-    sample large enough that ``im2col`` would loop over samples too (:data:`PER_SAMPLE_MATMUL_MACS`)."""
+    sample large enough that ``im2col`` would loop over samples too (:data:`_im2col.PER_SAMPLE_MATMUL_MACS`)."""
     dims = ConvDims.of(inputs, kernels, channels_first=channels_first)
-    kept_from_ynnpack = len(dims.spatial) == 1 or direct_extra_rows(dims.spatial, dims.kernel_size, spec) > 0
+    kept_from_ynnpack = len(dims.spatial) == 1 or _direct.direct_extra_rows(dims.spatial, dims.kernel_size, spec) > 0
     return (
         inputs.dtype == jnp.float32
         and kept_from_ynnpack  # 1-D, or 2-D with the extra rows: never 3-D
         and max(dims.in_channels, dims.out_channels) <= _DIRECT_MAX_CHANNELS
-        and dims.matmul_macs(spec) >= PER_SAMPLE_MATMUL_MACS
+        and dims.matmul_macs(spec) >= _im2col.PER_SAMPLE_MATMUL_MACS
     )
 
 

@@ -275,22 +275,24 @@ def test_reoriented_kernel_grad_matches_float64_reference(
     assert_close(tangent, expected, F32_RTOL, "jvp")
 
 
-def _kernel_grad_contracts_channel_major_patches(case: Case) -> bool:
+def _kernel_grad_contracts_channel_major_patches(case: Case, method: str) -> bool:
     """Whether the kernel gradient's program has a matmul operand of channel-major patches, (C * T, positions)."""
     x, w, _ = _random(case, seed=24)
-    grad = jax.grad(lambda w: jnp.sum(jdc.per_sample_conv(x, w, method="im2col", **case.kwargs) ** 2))
+    grad = jax.grad(lambda w: jnp.sum(jdc.per_sample_conv(x, w, method=method, **case.kwargs) ** 2))
     taps, positions = int(np.prod(case.kernel_size)), 3 * 4 * 4
     shapes = [shape[-2:] for shape in equation_operand_shapes("dot_general", grad, w)]
     return (case.in_channels * taps, positions) in shapes
 
 
-def test_reoriented_kernel_grad_contracts_channel_major_patches(reoriented_kernel_grad: None) -> None:
-    assert _kernel_grad_contracts_channel_major_patches(CASES[8])  # 3d_same: 2 channels, 27 taps, 3x4x4 out
+@pytest.mark.parametrize("method", ["im2col", "direct"])  # the rule reaches direct's derivatives too
+def test_reoriented_kernel_grad_contracts_channel_major_patches(method: str, reoriented_kernel_grad: None) -> None:
+    assert _kernel_grad_contracts_channel_major_patches(CASES[8], method)  # 3d_same: 2 channels, 27 taps, 3x4x4
 
 
-def test_plain_kernel_grad_contracts_tap_major_patches() -> None:
+@pytest.mark.parametrize("method", ["im2col", "direct"])
+def test_plain_kernel_grad_contracts_tap_major_patches(method: str) -> None:
     """The check above can fail: by default that small case takes plain autodiff."""
-    assert not _kernel_grad_contracts_channel_major_patches(CASES[8])
+    assert not _kernel_grad_contracts_channel_major_patches(CASES[8], method)
 
 
 @pytest.mark.parametrize(
