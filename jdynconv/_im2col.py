@@ -16,7 +16,6 @@ conv (:func:`shared_conv_matmul_kernel_grad`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
 from typing import Any
@@ -24,7 +23,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from jdynconv._conv_spec import ConvDims, ConvSpec, Lowering, output_spatial_shape, shared_conv
 from jdynconv._tangent_lowering import with_tangent_lowering
@@ -247,7 +245,20 @@ def conv_im2col_method(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) ->
     return conv_im2col_chunked(inputs, kernels, spec)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _shared_conv(inputs: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
+    return shared_conv(inputs, kernel, spec, spec.feature_group_count)
+
+
+def _shared_kernel_im2col(inputs: jax.Array, kernel: jax.Array, spec: ConvSpec) -> jax.Array:
+    """The same kernel for every sample, im2col per sample: its transpose sums the batch's patches^T @ g."""
+    return conv_im2col(inputs, jnp.broadcast_to(kernel, (inputs.shape[0], *kernel.shape)), spec)
+
+
+_shared_conv_im2col_kernel_grad = with_tangent_lowering(
+    _shared_conv, _shared_conv, kernel_tangent=_shared_kernel_im2col
+)
+
+
 def shared_conv_matmul_kernel_grad(
     inputs: jax.Array, kernel: jax.Array, spec: ConvSpec, feature_group_count: int
 ) -> jax.Array:
@@ -257,23 +268,5 @@ def shared_conv_matmul_kernel_grad(
     scan over 8 branches (B128, 3 -> 32 channels, 32x32) took 5.0 s for its gradient with it and 0.32 s
     with this (jax 0.10.2, 2 cores). Costs ``prod(kernel_size)`` times the input in patches.
     """
-    return shared_conv(inputs, kernel, spec, feature_group_count)
-
-
-@functools.partial(shared_conv_matmul_kernel_grad.defjvp, symbolic_zeros=True)
-def _shared_conv_matmul_kernel_grad_jvp(
-    spec: ConvSpec, feature_group_count: int, primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]
-) -> tuple[jax.Array, jax.Array]:
-    inputs, kernel = primals
-    d_inputs, d_kernel = tangents
-    out = shared_conv(inputs, kernel, spec, feature_group_count)
-    terms = []
-    if not isinstance(d_inputs, SymbolicZero):
-        terms.append(shared_conv(d_inputs, kernel, spec, feature_group_count))
-    if not isinstance(d_kernel, SymbolicZero):
-        # The same kernel for every sample: im2col per sample; its transpose sums the batch's patches^T @ g.
-        per_sample = jnp.broadcast_to(d_kernel, (inputs.shape[0], *d_kernel.shape))
-        terms.append(
-            conv_im2col(inputs, per_sample, dataclasses.replace(spec, feature_group_count=feature_group_count))
-        )
-    return out, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(out)
+    spec = dataclasses.replace(spec, feature_group_count=feature_group_count)
+    return _shared_conv_im2col_kernel_grad(inputs, kernel, spec)
