@@ -10,6 +10,10 @@ Per-branch parameters are stored branch-major, ``(k, ...)``: the kernel bank
 statistics. The fused conv orders its channels group-major ``(G, k, features // G)`` so that
 ``lax.conv_general_dilated``'s grouping (output channel o reads input group ``o // (C_out / G)``)
 gives every branch its own grouped conv.
+
+The BatchNorm is :mod:`jdynconv._batch_norm`'s and the gate :mod:`jdynconv._gates`'; this module holds
+the three lowerings of the branches (fused, chunked, rematerialised), the rule between them, the block's
+argument checks and :func:`apply_block`, the whole block.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,19 +29,10 @@ import numpy as np
 from flax.nnx.nn.dtypes import promote_dtype
 from jax import lax
 
-from jdynconv import _checks, _conv_spec, _im2col
+from jdynconv import _batch_norm, _checks, _conv_spec, _gates, _im2col
 from jdynconv.functional import conv_spec, mix_outputs
 
-Activation = Callable[[jax.Array], jax.Array]
-GateInput = Literal["flatten", "mean"]
-GATE_INPUTS: tuple[str, ...] = ("flatten", "mean")
-GATE_ACTIVATIONS: tuple[str, ...] = ("leaky_relu", "softmax", "sigmoid", "identity")
 METHODS: tuple[str, ...] = ("auto", "fused", "chunked")
-
-
-def leaky_relu(x: jax.Array) -> jax.Array:
-    """PyTorch's ``nn.LeakyReLU()`` default: negative slope 0.01 (Flax's default too)."""
-    return jax.nn.leaky_relu(x, negative_slope=0.01)
 
 
 class BranchParams(NamedTuple):
@@ -47,13 +42,6 @@ class BranchParams(NamedTuple):
     bias: jax.Array | None  # (k, F)
     scale: jax.Array  # (k, F)
     offset: jax.Array  # (k, F)
-
-
-@dataclasses.dataclass(frozen=True)
-class NormConfig:
-    momentum: float
-    epsilon: float
-    unbiased_running_var: bool
 
 
 def _to_fused(per_branch: jax.Array, groups: int) -> jax.Array:
@@ -67,92 +55,11 @@ def _from_fused(fused: jax.Array, k: int, groups: int) -> jax.Array:
     return jnp.swapaxes(fused.reshape(groups, k, -1), 0, 1).reshape(k, -1)
 
 
-def _per_channel(values: jax.Array, ndim: int) -> jax.Array:
-    """``(C,)`` -> ``(1, ..., 1, C)``: explicit broadcasting, no implicit rank promotion."""
-    return values.reshape((1,) * (ndim - 1) + (-1,))
-
-
 def fused_kernel(bank: jax.Array, groups: int) -> jax.Array:
     """``(k, *K, C_in // G, F)`` -> one conv kernel ``(*K, C_in // G, G * k * F // G)``."""
     k, *kernel_size, group_in, features = bank.shape
     split = bank.reshape(k, *kernel_size, group_in, groups, features // groups)
     return jnp.moveaxis(split, 0, -2).reshape(*kernel_size, group_in, k * features)
-
-
-def gate_features(inputs: jax.Array, gate_input: GateInput) -> jax.Array:
-    """What the gate's Dense layer sees: ``(B, C * prod(spatial))`` or ``(B, C)``.
-
-    ``"flatten"`` flattens channel-major, in PyTorch's ``nn.Flatten`` order over ``(C, *spatial)``,
-    so a PyTorch ``Linear`` weight ports by a plain transpose.
-    """
-    if gate_input == "flatten":
-        return jnp.moveaxis(inputs, -1, 1).reshape(inputs.shape[0], -1)
-    return jnp.mean(inputs, axis=tuple(range(1, inputs.ndim - 1)))
-
-
-def gate_activation(logits: jax.Array, activation: str | Activation, temperature: float | jax.Array) -> jax.Array:
-    """Turns gate logits ``(B, k)`` into mixing weights."""
-    if callable(activation):
-        return activation(logits)
-    if activation == "leaky_relu":
-        return leaky_relu(logits)
-    if activation == "softmax":
-        _checks.check_temperature(temperature)
-        return jax.nn.softmax(logits / jnp.asarray(temperature, logits.dtype), axis=-1)
-    if activation == "sigmoid":
-        return jax.nn.sigmoid(logits)
-    return logits
-
-
-def _stats_dtype(dtype: Any) -> Any:
-    """Statistics in at least float32, as Flax's BatchNorm does, whatever the compute dtype."""
-    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
-
-
-def _running_update(
-    mean: jax.Array, var: jax.Array, batch_mean: jax.Array, batch_var: jax.Array, count: int, norm: NormConfig
-) -> tuple[jax.Array, jax.Array]:
-    """The new running ``(mean, var)`` after a training step over ``count`` values per channel."""
-    # PyTorch stores the unbiased variance in running_var (n / (n - 1)); Flax the biased one.
-    var_update = batch_var * (count / max(count - 1, 1)) if norm.unbiased_running_var else batch_var
-    new_mean = norm.momentum * mean + (1 - norm.momentum) * batch_mean.astype(mean.dtype)
-    new_var = norm.momentum * var + (1 - norm.momentum) * var_update.astype(var.dtype)
-    return new_mean, new_var
-
-
-def _normalise(
-    out: jax.Array, scale: jax.Array, offset: jax.Array, use_mean: jax.Array, use_var: jax.Array, epsilon: float
-) -> jax.Array:
-    """``(out - mean) / sqrt(var + eps) * scale + offset`` per channel, computed in the statistics dtype."""
-    stats_dtype = _stats_dtype(out.dtype)
-    inv_std = lax.rsqrt(use_var.astype(stats_dtype) + epsilon) * scale.astype(stats_dtype)
-    shift = offset.astype(stats_dtype) - use_mean.astype(stats_dtype) * inv_std
-    normalised = out.astype(stats_dtype) * _per_channel(inv_std, out.ndim) + _per_channel(shift, out.ndim)
-    return normalised.astype(out.dtype)
-
-
-def _batch_norm(
-    out: jax.Array,
-    scale: jax.Array,
-    offset: jax.Array,
-    mean: jax.Array,
-    var: jax.Array,
-    *,
-    training: bool,
-    norm: NormConfig,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Per-channel BatchNorm of channels-last ``out`` with ``(C,)`` parameters and running statistics.
-
-    Returns the normalised values and the new running ``(mean, var)`` (unchanged unless training).
-    """
-    if not training:
-        return _normalise(out, scale, offset, mean, var, norm.epsilon), (mean, var)
-    values = out.astype(_stats_dtype(out.dtype))
-    reduce_axes = tuple(range(out.ndim - 1))
-    batch_mean = jnp.mean(values, axis=reduce_axes)
-    batch_var = jnp.mean(jnp.square(values - _per_channel(batch_mean, out.ndim)), axis=reduce_axes)
-    new_stats = _running_update(mean, var, batch_mean, batch_var, out.size // out.shape[-1], norm)
-    return _normalise(out, scale, offset, batch_mean, batch_var, norm.epsilon), new_stats
 
 
 def _mix_branches(activated: jax.Array, gate_weights: jax.Array, k: int, groups: int) -> jax.Array:
@@ -172,8 +79,8 @@ def branch_mix(
     *,
     spec: _conv_spec.ConvSpec,
     training: bool,
-    norm: NormConfig,
-    activation: Activation,
+    norm: _batch_norm.NormConfig,
+    activation: _gates.Activation,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """``sum_n gate_weights[:, n] * activation(BatchNorm_n(conv_n(inputs)))``, fused.
 
@@ -193,9 +100,9 @@ def branch_mix(
     kernel = fused_kernel(params.kernel, groups)
     out = _conv_spec.shared_conv(inputs, kernel, spec, groups)
     if params.bias is not None:
-        out = out + _per_channel(_to_fused(params.bias, groups).astype(out.dtype), out.ndim)
+        out = out + _batch_norm.per_channel(_to_fused(params.bias, groups).astype(out.dtype), out.ndim)
     fused = [_to_fused(p, groups) for p in (params.scale, params.offset, mean, var)]
-    normalised, (new_mean, new_var) = _batch_norm(out, *fused, training=training, norm=norm)
+    normalised, (new_mean, new_var) = _batch_norm.batch_norm(out, *fused, training=training, norm=norm)
     mixed = _mix_branches(activation(normalised), gate_weights, k, groups)
     return mixed, (_from_fused(new_mean, k, groups), _from_fused(new_var, k, groups))
 
@@ -227,8 +134,8 @@ def branch_mix_chunked(
     *,
     spec: _conv_spec.ConvSpec,
     training: bool,
-    norm: NormConfig,
-    activation: Activation,
+    norm: _batch_norm.NormConfig,
+    activation: _gates.Activation,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """:func:`branch_mix` over chunks of the batch small enough to stay in cache.
 
@@ -246,7 +153,7 @@ def branch_mix_chunked(
     batch = inputs.shape[0]
     out_spatial = _conv_spec.output_spatial_shape(inputs.shape[1:-1], params.kernel.shape[1:-2], spec)
     positions = int(np.prod(out_spatial))
-    stats_dtype = _stats_dtype(inputs.dtype)
+    stats_dtype = _batch_norm.statistics_dtype(inputs.dtype)
     # A chunk holds its branch outputs and, for the kernel gradient, its im2col patches: size it by the
     # larger (many input channels and few outputs make the patches the larger).
     outputs_bytes = positions * k * features * jnp.dtype(stats_dtype).itemsize
@@ -270,7 +177,7 @@ def branch_mix_chunked(
     def branch_outputs(x: jax.Array) -> jax.Array:
         """The chunk's fused conv, ``(c, *out, k * F)``; its kernel gradient is a matmul (fast in a loop)."""
         out = _im2col.shared_conv_matmul_kernel_grad(x, kernel.astype(x.dtype), spec, groups)
-        return out if bias is None else out + _per_channel(bias.astype(out.dtype), out.ndim)
+        return out if bias is None else out + _batch_norm.per_channel(bias.astype(out.dtype), out.ndim)
 
     if training:
 
@@ -290,14 +197,14 @@ def branch_mix_chunked(
         spread = jnp.sum(jnp.square(sample_means - use_mean[None]), axis=0)
         count = positions * inputs.shape[0]
         use_var = (jnp.sum(sample_m2, axis=0) + positions * spread) / count
-        new_mean, new_var = _running_update(run_mean, run_var, use_mean, use_var, count, norm)
+        new_mean, new_var = _batch_norm.running_update(run_mean, run_var, use_mean, use_var, count, norm)
     else:
         use_mean, use_var = run_mean, run_var
         new_mean, new_var = run_mean, run_var
 
     @jax.checkpoint
     def mixed_output(x: jax.Array, weights: jax.Array) -> jax.Array:
-        normalised = _normalise(branch_outputs(x), scale, offset, use_mean, use_var, norm.epsilon)
+        normalised = _batch_norm.normalise(branch_outputs(x), scale, offset, use_mean, use_var, norm.epsilon)
         return _mix_branches(activation(normalised), weights, k, groups)
 
     mixed = _map_chunks(mixed_output, (inputs, gate_weights), chunk)
@@ -313,8 +220,8 @@ def branch_mix_rematerialised(
     *,
     spec: _conv_spec.ConvSpec,
     training: bool,
-    norm: NormConfig,
-    activation: Activation,
+    norm: _batch_norm.NormConfig,
+    activation: _gates.Activation,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """:func:`branch_mix` one branch at a time, each recomputed in the backward pass.
 
@@ -330,8 +237,10 @@ def branch_mix_rematerialised(
         kernel, bias, scale, offset, branch_mean, branch_var, weight = branch
         out = _im2col.shared_conv_matmul_kernel_grad(inputs, kernel, spec, groups)
         if bias is not None:
-            out = out + _per_channel(bias.astype(out.dtype), out.ndim)
-        normalised, stats = _batch_norm(out, scale, offset, branch_mean, branch_var, training=training, norm=norm)
+            out = out + _batch_norm.per_channel(bias.astype(out.dtype), out.ndim)
+        normalised, stats = _batch_norm.batch_norm(
+            out, scale, offset, branch_mean, branch_var, training=training, norm=norm
+        )
         weight = weight.astype(total.dtype).reshape((-1,) + (1,) * (total.ndim - 1))
         return total + weight * activation(normalised).astype(total.dtype), stats
 
@@ -370,10 +279,10 @@ def check_config(
         raise ValueError(
             f"`features` (={features}) must be divisible by `feature_group_count` (={feature_group_count})."
         )
-    if gate_input not in GATE_INPUTS:
-        raise ValueError(f"`gate_input` must be one of {GATE_INPUTS}, got {gate_input!r}.")
-    if not callable(gate_act) and gate_act not in GATE_ACTIVATIONS:
-        raise ValueError(f"`gate_activation` must be one of {GATE_ACTIVATIONS} or a callable, got {gate_act!r}.")
+    if gate_input not in _gates.GATE_INPUTS:
+        raise ValueError(f"`gate_input` must be one of {_gates.GATE_INPUTS}, got {gate_input!r}.")
+    if not callable(gate_act) and gate_act not in _gates.GATE_ACTIVATIONS:
+        raise ValueError(f"`gate_activation` must be one of {_gates.GATE_ACTIVATIONS} or a callable, got {gate_act!r}.")
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
     if remat and method != "auto":
@@ -411,9 +320,9 @@ class BlockConfig:
     momentum: float
     epsilon: float
     unbiased_running_var: bool
-    gate_input: GateInput
-    gate_activation: str | Activation
-    branch_activation: Activation
+    gate_input: _gates.GateInput
+    gate_activation: str | _gates.Activation
+    branch_activation: _gates.Activation
     remat: bool
     dtype: Any
     precision: Any
@@ -446,11 +355,11 @@ def apply_block(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """The whole block: gate (unless ``gate_weights`` is given), then the fused branches."""
     if gate_weights is None:
-        gate_in = gate_features(inputs, config.gate_input)
+        gate_in = _gates.gate_features(inputs, config.gate_input)
         check_gate_size(gate_in.shape[-1], gate_kernel.shape[0], inputs.shape)
         gate_in, gate_kernel, gate_bias = promote_dtype((gate_in, gate_kernel, gate_bias), dtype=config.dtype)
         logits = jnp.matmul(gate_in, gate_kernel, precision=config.precision) + gate_bias[None, :]
-        gate_weights = gate_activation(logits, config.gate_activation, temperature)
+        gate_weights = _gates.gate_activation(logits, config.gate_activation, temperature)
     else:
         check_gate_weights(gate_weights, inputs.shape[0], config.num_branches)
     if training and inputs.shape[0] == 0:
@@ -473,7 +382,7 @@ def apply_block(
         choose_method(config.method, config.remat, jax.default_backend()),
         spec=spec,
         training=training,
-        norm=NormConfig(config.momentum, config.epsilon, config.unbiased_running_var),
+        norm=_batch_norm.NormConfig(config.momentum, config.epsilon, config.unbiased_running_var),
         activation=config.branch_activation,
     )
     return forward(inputs, gate_weights, BranchParams(*promoted), mean, var)

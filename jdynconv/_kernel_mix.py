@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax.nnx.nn.dtypes import promote_dtype
 
-from jdynconv import _checks, _conv_spec
+from jdynconv import _checks, _conv_spec, _gates
 from jdynconv.functional import METHODS, conv_spec, mix_kernels, mix_outputs, per_sample_conv
 
 Mixing = Literal["auto", "mix_kernels", "mix_outputs"]
@@ -121,11 +121,6 @@ def mixed_conv(
     return out
 
 
-def spatial_mean(inputs: jax.Array) -> jax.Array:
-    """Global average pooling: ``(B, *spatial, C) -> (B, C)``."""
-    return jnp.mean(inputs, axis=tuple(range(1, inputs.ndim - 1)))
-
-
 def check_routing(routing: Any, batch: int, k: int, name: str) -> None:
     shape = tuple(getattr(routing, "shape", ()))
     if shape != (batch, k):
@@ -213,7 +208,7 @@ def cond_conv(
     """CondConv: sigmoid routing from the pooled input (or the given weights), then mixed conv."""
     if routing_weights is None:
         pooled, routing_kernel, routing_bias = promote_dtype(
-            (spatial_mean(inputs), routing_kernel, routing_bias), dtype=config.dtype
+            (_gates.spatial_mean(inputs), routing_kernel, routing_bias), dtype=config.dtype
         )
         routing = jax.nn.sigmoid(_dense(pooled, routing_kernel, routing_bias, config.precision))
     else:
@@ -238,7 +233,7 @@ def dynamic_conv(
     if attention_weights is None:
         _checks.check_temperature(temperature)
         pooled, hidden_kernel, attention_kernel, attention_bias = promote_dtype(
-            (spatial_mean(inputs), hidden_kernel, attention_kernel, attention_bias), dtype=config.dtype
+            (_gates.spatial_mean(inputs), hidden_kernel, attention_kernel, attention_bias), dtype=config.dtype
         )
         hidden = jax.nn.relu(_dense(pooled, hidden_kernel, None, config.precision))
         logits = _dense(hidden, attention_kernel, attention_bias, config.precision)

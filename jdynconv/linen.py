@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdynconv import _branch_mix, _checks, _kernel_mix
+from jdynconv import _branch_mix, _checks, _gates, _kernel_mix
 
 Initializer = Callable[..., jax.Array]
 Dtype = Any
@@ -84,9 +84,9 @@ class BranchMixConv(nn.Module):
     epsilon: float = 1e-5
     use_running_average: bool | None = None
     unbiased_running_var: bool = False
-    gate_input: _branch_mix.GateInput = "flatten"
+    gate_input: _gates.GateInput = "flatten"
     gate_activation: str | Callable[[jax.Array], jax.Array] = "leaky_relu"
-    branch_activation: Callable[[jax.Array], jax.Array] = _branch_mix.leaky_relu
+    branch_activation: Callable[[jax.Array], jax.Array] = _gates.leaky_relu
     remat: bool = False
     method: str = "auto"
     dtype: Dtype | None = None

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdynconv import _branch_mix, _checks, _kernel_mix
+from jdynconv import _branch_mix, _checks, _gates, _kernel_mix
 from jdynconv.linen import Dtype, Initializer, branch_bank_init, default_kernel_init, ones, zeros
 
 
@@ -46,9 +46,9 @@ class BranchMixConv(nnx.Module):
         epsilon: float = 1e-5,
         use_running_average: bool = False,
         unbiased_running_var: bool = False,
-        gate_input: _branch_mix.GateInput = "flatten",
+        gate_input: _gates.GateInput = "flatten",
         gate_activation: str | Callable[[jax.Array], jax.Array] = "leaky_relu",
-        branch_activation: Callable[[jax.Array], jax.Array] = _branch_mix.leaky_relu,
+        branch_activation: Callable[[jax.Array], jax.Array] = _gates.leaky_relu,
         remat: bool = False,
         method: str = "auto",
         dtype: Dtype | None = None,

@@ -1,0 +1,82 @@
+"""Per-channel BatchNorm of channels-last arrays, with PyTorch's or Flax's running statistics.
+
+A functional BatchNorm for the fused branches of ``BranchMixConv``: parameters and running statistics
+come in as ``(C,)`` arrays and the new running statistics go out, so one call normalises all k
+branches' channels at once (each channel's statistics are its own). Statistics are kept in at least
+float32 whatever the compute dtype, as Flax's ``BatchNorm`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+@dataclasses.dataclass(frozen=True)
+class NormConfig:
+    """BatchNorm's hyperparameters: Flax's ``momentum`` (weight of the old running value), ``epsilon``, and
+    whether the running variance is PyTorch's unbiased one."""
+
+    momentum: float
+    epsilon: float
+    unbiased_running_var: bool
+
+
+def per_channel(values: jax.Array, ndim: int) -> jax.Array:
+    """``(C,)`` -> ``(1, ..., 1, C)``: explicit broadcasting, no implicit rank promotion."""
+    return values.reshape((1,) * (ndim - 1) + (-1,))
+
+
+def statistics_dtype(dtype: Any) -> Any:
+    """Statistics in at least float32, as Flax's BatchNorm does, whatever the compute dtype."""
+    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
+
+
+def running_update(
+    mean: jax.Array, var: jax.Array, batch_mean: jax.Array, batch_var: jax.Array, count: int, norm: NormConfig
+) -> tuple[jax.Array, jax.Array]:
+    """The new running ``(mean, var)`` after a training step over ``count`` values per channel."""
+    # PyTorch stores the unbiased variance in running_var (n / (n - 1)); Flax the biased one.
+    var_update = batch_var * (count / max(count - 1, 1)) if norm.unbiased_running_var else batch_var
+    new_mean = norm.momentum * mean + (1 - norm.momentum) * batch_mean.astype(mean.dtype)
+    new_var = norm.momentum * var + (1 - norm.momentum) * var_update.astype(var.dtype)
+    return new_mean, new_var
+
+
+def normalise(
+    out: jax.Array, scale: jax.Array, offset: jax.Array, use_mean: jax.Array, use_var: jax.Array, epsilon: float
+) -> jax.Array:
+    """``(out - mean) / sqrt(var + eps) * scale + offset`` per channel, computed in the statistics dtype."""
+    stats_dtype = statistics_dtype(out.dtype)
+    inv_std = lax.rsqrt(use_var.astype(stats_dtype) + epsilon) * scale.astype(stats_dtype)
+    shift = offset.astype(stats_dtype) - use_mean.astype(stats_dtype) * inv_std
+    normalised = out.astype(stats_dtype) * per_channel(inv_std, out.ndim) + per_channel(shift, out.ndim)
+    return normalised.astype(out.dtype)
+
+
+def batch_norm(
+    out: jax.Array,
+    scale: jax.Array,
+    offset: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    *,
+    training: bool,
+    norm: NormConfig,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Per-channel BatchNorm of channels-last ``out`` with ``(C,)`` parameters and running statistics.
+
+    Returns the normalised values and the new running ``(mean, var)`` (unchanged unless training).
+    """
+    if not training:
+        return normalise(out, scale, offset, mean, var, norm.epsilon), (mean, var)
+    values = out.astype(statistics_dtype(out.dtype))
+    reduce_axes = tuple(range(out.ndim - 1))
+    batch_mean = jnp.mean(values, axis=reduce_axes)
+    batch_var = jnp.mean(jnp.square(values - per_channel(batch_mean, out.ndim)), axis=reduce_axes)
+    new_stats = running_update(mean, var, batch_mean, batch_var, out.size // out.shape[-1], norm)
+    return normalise(out, scale, offset, batch_mean, batch_var, norm.epsilon), new_stats
