@@ -1,9 +1,10 @@
 """Per-channel BatchNorm of channels-last arrays, with PyTorch's or Flax's running statistics.
 
-A functional BatchNorm for the fused branches of ``BranchMixConv``: parameters and running statistics
-come in as ``(C,)`` arrays and the new running statistics go out, so one call normalises all k
-branches' channels at once (each channel's statistics are its own). Statistics are kept in at least
-float32 whatever the compute dtype, as Flax's ``BatchNorm`` does.
+A functional BatchNorm for ``BranchMixConv``'s lowerings: parameters and running statistics come in as
+``(C,)`` arrays and the new running statistics go out. The fused form normalises all k branches' channels
+in one call (each channel's statistics are its own), the rematerialised form one branch at a time, and the
+chunked form combines its own batch statistics and calls :func:`running_update` and :func:`normalise`.
+Statistics are kept in at least float32 whatever the compute dtype, as Flax's ``BatchNorm`` does.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ statistics. The fused conv orders its channels group-major ``(G, k, features // 
 ``lax.conv_general_dilated``'s grouping (output channel o reads input group ``o // (C_out / G)``)
 gives every branch its own grouped conv.
 
-The BatchNorm is :mod:`jdynconv._batch_norm`'s and the gate :mod:`jdynconv._gates`'; this module holds
+The BatchNorm is :mod:`jdynconv._batch_norm`'s, the gate's input features and activation
+:mod:`jdynconv._gates`'; this module holds
 the three lowerings of the branches (fused, chunked, rematerialised), the rule between them, the block's
 argument checks and :func:`apply_block`, the whole block.
 """

@@ -1,4 +1,5 @@
-"""Gates: what a per-sample mixing MLP sees of its input, and how its logits become mixing weights.
+"""Gates: what a per-sample gate (a Dense layer or a small MLP) sees of its input, and how its logits
+become mixing weights.
 
 Shared by ``BranchMixConv`` (its gate) and the kernel-mixing layers (their routing and attention
 read :func:`spatial_mean`).
