@@ -18,7 +18,7 @@ import platform
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,37 @@ class Stats:
             "inner_calls": self.inner,
             "samples_ms": [s * 1e3 for s in self.samples_s],
         }
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """One competitor's time over another's, round by round: both are timed in every round, close together,
+    so a slow spell of the machine hits both and the per-round ratios show how much of a median ratio is
+    noise. ``at_most_one`` counts the rounds in which the numerator was no slower (ratio <= 1)."""
+
+    median: float
+    p25: float
+    p75: float
+    rounds: int
+    at_most_one: int
+
+    @classmethod
+    def of(cls, numerator: Stats, denominator: Stats) -> PairedRatio:
+        if len(numerator.samples_s) != len(denominator.samples_s) or not numerator.samples_s:
+            raise ValueError(
+                f"paired ratios need the same rounds on both sides, got {len(numerator.samples_s)} and "
+                f"{len(denominator.samples_s)} samples"
+            )
+        ratios = np.divide(numerator.samples_s, denominator.samples_s)
+        p25, median, p75 = np.percentile(ratios, [25, 50, 75])
+        return cls(float(median), float(p25), float(p75), int(ratios.size), int(np.sum(ratios <= 1.0)))
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """E.g. ``1.7x-1.9x, <= 1.0x in 2/15``: the middle half of the per-round ratios and the rounds won."""
+        return f"{self.p25:.3g}x-{self.p75:.3g}x, <= 1.0x in {self.at_most_one}/{self.rounds}"
 
 
 def time_calls(call: Call, count: int) -> float:

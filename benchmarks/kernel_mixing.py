@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from _timing import (
     Call,
+    PairedRatio,
     environment_metadata,
     format_ms,
     format_ratio,
@@ -657,6 +658,15 @@ def bench_case(index: int, case: Case, settings: Settings, torch_device: torch.d
         for mode in MODES
         if REFERENCE in medians[mode]
     }
+    paired = {
+        mode: {
+            name: PairedRatio.of(stats[f"{name} [{mode}]"], stats[f"{REFERENCE} [{mode}]"]).as_json()
+            for name in medians[mode]
+            if name != REFERENCE
+        }
+        for mode in MODES
+        if REFERENCE in medians[mode]
+    }
     rest = {name: rest_of_step(results, name) for name in (SUBJECT, REFERENCE)}
     return {
         "index": index,
@@ -668,6 +678,7 @@ def bench_case(index: int, case: Case, settings: Settings, torch_device: torch.d
         "reference": REFERENCE_SOURCES[case.layer],
         "results": results,
         "ratios": ratios,
+        "paired_ratios": paired,
         "rest_of_step_ms": rest,
     }
 
@@ -697,12 +708,13 @@ def time_table(case_results: Sequence[Mapping[str, Any]]) -> str:
 
 
 def ratio_table(case_results: Sequence[Mapping[str, Any]]) -> str:
-    headers = ["case", "pass", *(f"{name} / torch" for name in JAX_NAMES)]
+    headers = ["case", "pass", *(f"{name} / torch" for name in JAX_NAMES), f"{SUBJECT} / torch per round"]
     rows = [
         [
             case_cell(case) if mode == MODES[0] else "",
             mode,
             *(format_ratio(ratio_of(case, mode, name)) for name in JAX_NAMES),
+            per_round(case, mode, SUBJECT),
         ]
         for case in case_results
         for mode in MODES
@@ -710,15 +722,22 @@ def ratio_table(case_results: Sequence[Mapping[str, Any]]) -> str:
     return markdown_table(headers, rows)
 
 
+def per_round(case_result: Mapping[str, Any], mode: str, name: str) -> str:
+    """``name`` / reference round by round: middle half of the ratios and the rounds won (see PairedRatio)."""
+    paired = case_result.get("paired_ratios", {}).get(mode, {}).get(name)
+    return "-" if paired is None else PairedRatio(**paired).describe()
+
+
 def target_lines(case_results: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The issue's target (training step no slower than the PyTorch reference), met or not, per case."""
+    """The issue's target (training step no slower than the PyTorch reference), met or not, per case, with the
+    ratio's spread over the rounds."""
     lines = []
     for case in case_results:
         ratio = ratio_of(case, "train", SUBJECT)
         verdict = "n/a" if ratio is None else ("met" if ratio <= 1.0 else "NOT met")
         lines.append(
             f"- {case['name']} ({case['layer']}, k={case['num_experts']}), train: {SUBJECT} / {REFERENCE} = "
-            f"{format_ratio(ratio)} (target <= 1.0x): {verdict}"
+            f"{format_ratio(ratio)} (target <= 1.0x): {verdict}; per round {per_round(case, 'train', SUBJECT)}"
         )
     return lines
 
@@ -783,6 +802,8 @@ def header_lines(metadata: Mapping[str, Any], settings: Settings) -> list[str]:
         "so its SGD update is B kernels, not k)",
         f"- checked before timing: outputs / first losses within {TOLERANCE:g} relative, gradients of every "
         f"parameter within {GRAD_TOLERANCE:g}; ratios: jdynconv time / {REFERENCE} time (< 1: jdynconv faster)",
+        f"- per round: {SUBJECT} / {REFERENCE} round by round (both timed in every round): its middle half "
+        "(25th-75th percentile) and the rounds in which jdynconv was no slower",
     ]
 
 

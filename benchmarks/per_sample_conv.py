@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from _timing import (
     Call,
+    PairedRatio,
     environment_metadata,
     format_ms,
     format_ratio,
@@ -438,6 +439,7 @@ def bench_shape(index: int, shape: Shape, settings: Settings, torch_device: torc
 
     best_torch: dict[str, dict[str, Any]] = {}
     ratios: dict[str, dict[str, float]] = {}
+    paired: dict[str, dict[str, Any]] = {}
     for mode in MODES:
         torch_medians = {n: t for n, t in medians[mode].items() if n.startswith("torch ")}
         best_name = min(torch_medians, key=torch_medians.__getitem__)
@@ -445,6 +447,8 @@ def bench_shape(index: int, shape: Shape, settings: Settings, torch_device: torc
         ratios[mode] = {
             name: t / torch_medians[best_name] for name, t in medians[mode].items() if name.startswith("jdynconv ")
         }
+        if SUBJECT in medians[mode]:
+            paired[mode] = PairedRatio.of(stats[f"{SUBJECT} [{mode}]"], stats[f"{best_name} [{mode}]"]).as_json()
     return {
         "index": index,
         "name": shape.name,
@@ -460,6 +464,7 @@ def bench_shape(index: int, shape: Shape, settings: Settings, torch_device: torc
         "results": results,
         "best_torch": best_torch,
         "ratios": ratios,
+        "paired_ratios": paired,
     }
 
 
@@ -467,7 +472,7 @@ def bench_shape(index: int, shape: Shape, settings: Settings, torch_device: torc
 
 
 def report_table(shape_results: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
-    headers = ["shape", "pass", *(f"{n} (ms)" for n in names), "best torch", "auto / best torch"]
+    headers = ["shape", "pass", *(f"{n} (ms)" for n in names), "best torch", "auto / best torch", "per round"]
     rows = []
     for shape in shape_results:
         for mode in MODES:
@@ -478,7 +483,9 @@ def report_table(shape_results: Sequence[dict[str, Any]], names: Sequence[str]) 
             best = shape["best_torch"][mode]["name"].removeprefix("torch ")
             ratio = shape["ratios"][mode].get(SUBJECT)
             label = f"{shape['name']}: {shape['description']}" if mode == MODES[0] else ""
-            rows.append([label, mode, *cells, best, format_ratio(ratio)])
+            paired = shape.get("paired_ratios", {}).get(mode)
+            per_round = "-" if paired is None else PairedRatio(**paired).describe()
+            rows.append([label, mode, *cells, best, format_ratio(ratio), per_round])
     return markdown_table(headers, rows)
 
 
@@ -499,6 +506,8 @@ def header_lines(metadata: dict[str, Any], settings: Settings) -> list[str]:
         f"{settings.max_call_s:g} s/call are skipped",
         "- fwd+bwd: gradients of sum(y * g) w.r.t. inputs and kernels; ratio = jdynconv auto / fastest PyTorch "
         "(< 1: jdynconv faster)",
+        "- per round: the same ratio round by round (both timed in every round): its middle half (25th-75th "
+        "percentile) and the rounds in which auto was no slower",
     ]
 
 
