@@ -195,6 +195,11 @@ def format_ratio(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.3g}x"
 
 
+def format_paired(paired: Mapping[str, Any] | None) -> str:
+    """A :class:`PairedRatio` stored as JSON (``as_json``), described; ``-`` when there is none."""
+    return "-" if paired is None else PairedRatio(**paired).describe()
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A GitHub-flavoured markdown table; the first column is left-aligned, the others right-aligned."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]

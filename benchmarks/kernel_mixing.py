@@ -63,6 +63,7 @@ from _timing import (
     PairedRatio,
     environment_metadata,
     format_ms,
+    format_paired,
     format_ratio,
     inner_calls,
     interleaved_medians,
@@ -724,8 +725,7 @@ def ratio_table(case_results: Sequence[Mapping[str, Any]]) -> str:
 
 def per_round(case_result: Mapping[str, Any], mode: str, name: str) -> str:
     """``name`` / reference round by round: middle half of the ratios and the rounds won (see PairedRatio)."""
-    paired = case_result.get("paired_ratios", {}).get(mode, {}).get(name)
-    return "-" if paired is None else PairedRatio(**paired).describe()
+    return format_paired(case_result.get("paired_ratios", {}).get(mode, {}).get(name))
 
 
 def target_lines(case_results: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -34,6 +34,7 @@ from _timing import (
     PairedRatio,
     environment_metadata,
     format_ms,
+    format_paired,
     format_ratio,
     inner_calls,
     interleaved_medians,
@@ -483,8 +484,7 @@ def report_table(shape_results: Sequence[dict[str, Any]], names: Sequence[str]) 
             best = shape["best_torch"][mode]["name"].removeprefix("torch ")
             ratio = shape["ratios"][mode].get(SUBJECT)
             label = f"{shape['name']}: {shape['description']}" if mode == MODES[0] else ""
-            paired = shape.get("paired_ratios", {}).get(mode)
-            per_round = "-" if paired is None else PairedRatio(**paired).describe()
+            per_round = format_paired(shape.get("paired_ratios", {}).get(mode))
             rows.append([label, mode, *cells, best, format_ratio(ratio), per_round])
     return markdown_table(headers, rows)
 
