@@ -187,8 +187,14 @@ def _im2col_chunk(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec, *, chan
 def _map_over_chunks(
     sample_fn: Lowering, inputs: jax.Array, kernels: jax.Array, spec: ConvSpec, *, channels_first: bool
 ) -> jax.Array:
-    """``sample_fn`` (one sample's conv) over the batch in chunks; patches are recomputed, not stored."""
+    """``sample_fn`` (one sample's conv) over the batch in :func:`_im2col_chunk`-sized chunks."""
     chunk = _im2col_chunk(inputs, kernels, spec, channels_first=channels_first)
+    return map_in_chunks(sample_fn, inputs, kernels, spec, chunk)
+
+
+def map_in_chunks(sample_fn: Lowering, inputs: jax.Array, kernels: jax.Array, spec: ConvSpec, chunk: int) -> jax.Array:
+    """``sample_fn`` (one sample's conv) over the batch, ``chunk`` samples a ``lax.map`` step (vmapped within
+    a step); each step is checkpointed, so its intermediates are recomputed in the backward pass, not stored."""
     body = jax.checkpoint(lambda pair: sample_fn(pair[0], pair[1], spec))
     if chunk == 1:  # a batch of 1, or one sample's patches fill a chunk: unbatched, one sample a step
         return lax.map(body, (inputs, kernels))

@@ -17,6 +17,8 @@ maps a lowering to its form taking and returning PyTorch's layout (``(B, C_in, *
   conv, so XLA:CPU runs them side by side), 2-D ones with unit stride along their first spatial dim kept
   from YNNPACK (:mod:`jdynconv._direct`); derivatives from ``im2col`` (a custom JVP). The fastest CPU
   forward measured where channels are few.
+* ``depthwise``: a broadcast multiply-add per kernel tap (:mod:`jdynconv._depthwise`), plain autodiff; for
+  depthwise convs (``C_in // G == 1``), correct for any G.
 * ``hybrid``: values from ``grouped``, derivatives from ``im2col`` (a custom JVP), for backends whose
   grouped conv is fast but whose batch-group kernel gradient is not (GPU).
 * ``auto``: see :func:`choose_lowering`.
@@ -32,6 +34,7 @@ from jax import lax
 # at call time, so they stay the ones those modules use.
 from jdynconv import _direct, _im2col
 from jdynconv._conv_spec import ConvDims, ConvSpec, Lowering, shared_conv
+from jdynconv._depthwise import conv_depthwise, conv_depthwise_channels_first
 from jdynconv._direct import conv_direct_channels_first_im2col_grad, conv_direct_method
 from jdynconv._im2col import conv_im2col, conv_im2col_chunked_channels_first, conv_im2col_method
 from jdynconv._tangent_lowering import with_tangent_lowering
@@ -99,8 +102,27 @@ def uses_direct(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec, *, channe
     )
 
 
+def uses_depthwise(inputs: jax.Array, kernels: jax.Array, *, channels_first: bool) -> bool:
+    """Whether ``auto`` on CPU takes ``depthwise``: a 2-D depthwise conv, one input channel per group and as
+    many outputs as inputs (``C_in == C_out == G``).
+
+    Measured on 2 cores, 2026-11-21, B64, ``depthwise`` / ``im2col`` (what ``auto`` took before), channels
+    last / first, one-process probe, medians of 7 rounds: 64 channels 32x32 3x3 fwd 0.49x / 0.30x, fwd+bwd
+    0.60x / 0.89x; 7x7 fwd 0.07x / 0.21x, fwd+bwd 0.26x / 0.72x; 128 channels 16x16 3x3 stride 2 fwd
+    0.88x / 0.56x, fwd+bwd 0.88x / 0.89x. Left to the other methods because a pass lost against what
+    ``auto`` took (medians of 5): 1-D (128 channels, 128 long, k7: fwd+bwd 3.6x channels first), 3-D (B16,
+    32 channels 8x8x8, 3x3x3: fwd+bwd 1.46x / 3.4x), a channel multiplier (C_out = 2 C_in: channels-last
+    fwd+bwd 3.0x) and one input channel with G = 1 (fwd 3.7x channels last).
+    """
+    dims = ConvDims.of(inputs, kernels, channels_first=channels_first)
+    return len(dims.spatial) == 2 and dims.group_in == 1 and dims.in_channels == dims.out_channels > 1
+
+
 def conv_cpu_auto(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
-    """``auto`` on CPU, channels last: ``direct`` where :func:`uses_direct` says so, else ``im2col``."""
+    """``auto`` on CPU, channels last: ``depthwise`` where :func:`uses_depthwise` says so, ``direct`` where
+    :func:`uses_direct` does, else ``im2col``."""
+    if uses_depthwise(inputs, kernels, channels_first=False):
+        return conv_depthwise(inputs, kernels, spec)
     if uses_direct(inputs, kernels, spec, channels_first=False):
         return conv_direct_method(inputs, kernels, spec)
     return conv_im2col_method(inputs, kernels, spec)
@@ -108,6 +130,8 @@ def conv_cpu_auto(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.
 
 def conv_cpu_auto_channels_first(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
     """:func:`conv_cpu_auto` on PyTorch-layout arguments, each method in its channels-first form."""
+    if uses_depthwise(inputs, kernels, channels_first=True):
+        return conv_depthwise_channels_first(inputs, kernels, spec)
     if uses_direct(inputs, kernels, spec, channels_first=True):
         return conv_direct_channels_first_im2col_grad(inputs, kernels, spec)
     return conv_im2col_chunked_channels_first(inputs, kernels, spec)
@@ -120,6 +144,7 @@ LOWERINGS: dict[str, Lowering] = {
     "im2col": conv_im2col_method,
     "direct": conv_direct_method,
     "hybrid": conv_grouped_im2col_grad,
+    "depthwise": conv_depthwise,
 }
 
 
@@ -128,13 +153,15 @@ CHANNELS_FIRST_FORMS: dict[Lowering, Lowering] = {
     conv_im2col_method: conv_im2col_chunked_channels_first,
     conv_direct_method: conv_direct_channels_first_im2col_grad,
     conv_cpu_auto: conv_cpu_auto_channels_first,
+    conv_depthwise: conv_depthwise_channels_first,
 }
 
 
 def choose_lowering(backend: str) -> Lowering:
     """The ``method="auto"`` rule.
 
-    * CPU: :func:`conv_cpu_auto`: ``direct`` for float32 1-D convs, and 2-D ones it can keep from YNNPACK,
+    * CPU: :func:`conv_cpu_auto`: ``depthwise`` for 2-D depthwise convs (:func:`uses_depthwise`), ``direct``
+      for float32 1-D convs, and 2-D ones it can keep from YNNPACK,
       with G = 1, at most 64 channels and a sample's matmul of at least 2^20 multiply-adds
       (:func:`uses_direct`), else ``im2col``. Measured on 2 cores (figures at
       :data:`_DIRECT_MAX_CHANNELS`, benchmarks/per_sample_conv.py). Both take their derivatives from

@@ -16,7 +16,7 @@ from jax.typing import ArrayLike
 from jdynconv import _checks, _conv_spec, _lowerings
 
 DataFormat = Literal["channels_last", "channels_first"]
-Method = Literal["auto", "vmap", "grouped", "scan", "im2col", "direct", "hybrid"]
+Method = Literal["auto", "vmap", "grouped", "scan", "im2col", "direct", "hybrid", "depthwise"]
 
 METHODS: tuple[str, ...] = ("auto", *_lowerings.LOWERINGS)
 DATA_FORMATS: tuple[str, ...] = ("channels_last", "channels_first")
@@ -61,7 +61,8 @@ def per_sample_conv(
       preferred_element_type: accumulation and output dtype, as in ``jax.lax``.
       method: ``"auto"`` (fastest correct lowering for the backend; see
         :func:`jdynconv._lowerings.choose_lowering`), ``"vmap"`` (reference semantics), ``"grouped"``,
-        ``"scan"``, ``"im2col"``, ``"direct"`` or ``"hybrid"``. All compute the same function.
+        ``"scan"``, ``"im2col"``, ``"direct"``, ``"hybrid"`` or ``"depthwise"`` (a multiply-add per kernel tap,
+        for ``C_in // G == 1``; its program grows with ``C_in // G`` otherwise). All compute the same function.
 
     Returns:
       ``(B, *out_spatial, C_out)`` for ``"channels_last"``, ``(B, C_out, *out_spatial)`` for

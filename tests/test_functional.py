@@ -297,8 +297,16 @@ def test_plain_kernel_grad_contracts_tap_major_patches(method: str) -> None:
 
 @pytest.mark.parametrize(
     ("method", "reoriented"),
-    [("auto", False), ("im2col", False), ("scan", False), ("direct", False), ("hybrid", False), ("im2col", True)],
-    ids=["auto", "im2col", "scan", "direct", "hybrid", "im2col-reoriented-kernel-grad"],
+    [
+        ("auto", False),
+        ("im2col", False),
+        ("scan", False),
+        ("direct", False),
+        ("hybrid", False),
+        ("depthwise", False),
+        ("im2col", True),
+    ],
+    ids=["auto", "im2col", "scan", "direct", "hybrid", "depthwise", "im2col-reoriented-kernel-grad"],
 )
 def test_nested_grad_agrees_with_vmap_reference_semantics(
     method: str, reoriented: bool, request: pytest.FixtureRequest
@@ -316,7 +324,7 @@ def test_nested_grad_agrees_with_vmap_reference_semantics(
     assert_close(grad_norm(_scalar_loss(case, method))(x, w), expected, 1e-4)
 
 
-@pytest.mark.parametrize("method", ["auto", "im2col", "direct", "hybrid"])
+@pytest.mark.parametrize("method", ["auto", "im2col", "direct", "hybrid", "depthwise"])
 def test_forward_mode_jvp_matches_reference(method: str) -> None:
     case = CASES[1]
     x, w, _ = _random(case, seed=7)
@@ -381,7 +389,7 @@ def _conv_batch_group_counts(fn, *args) -> list[int]:
     return [params["batch_group_count"] for params in equation_params("conv_general_dilated", fn, *args)]
 
 
-@pytest.mark.parametrize("method", ["auto", "im2col", "direct", "hybrid"])
+@pytest.mark.parametrize("method", ["auto", "im2col", "direct", "hybrid", "depthwise"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[8]], ids=["1d", "2d", "3d"])
 def test_fast_gradients_have_no_batch_group_conv(case: Case, method: str) -> None:
     """The point of "auto": its kernel gradient must not be XLA:CPU's slow batch-group conv."""
