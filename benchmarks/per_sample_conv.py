@@ -8,6 +8,7 @@ conv; a mismatch is reported and never timed. Ratios are jdynconv's median time 
 formulation's median time on the same shape and pass: below 1.0 jdynconv is faster.
 
     PYTHONPATH=. python benchmarks/per_sample_conv.py            # full grid -> benchmarks/results/
+    PYTHONPATH=. python benchmarks/per_sample_conv.py --grid depthwise   # depthwise convs (groups = channels)
     PYTHONPATH=. python benchmarks/per_sample_conv.py --quick --out /tmp/bench_smoke
 """
 
@@ -73,6 +74,7 @@ class Shape:
     kernel: int
     stride: int
     padding: int
+    groups: int = 1
 
     @property
     def num_spatial(self) -> int:
@@ -89,16 +91,17 @@ class Shape:
     @property
     def fwd_gflop(self) -> float:
         taps = self.kernel**self.num_spatial
-        macs = self.batch * self.out_channels * math.prod(self.out_spatial) * self.in_channels * taps
+        macs = self.batch * self.out_channels * math.prod(self.out_spatial) * self.in_channels // self.groups * taps
         return 2 * macs / 1e9
 
     @property
     def description(self) -> str:
         spatial = "x".join(map(str, self.spatial))
         kernel = "x".join(map(str, self.kernel_size))
+        groups = f" g{self.groups}" if self.groups > 1 else ""
         return (
             f"B{self.batch} C{self.in_channels}->{self.out_channels} S{spatial} "
-            f"k{kernel} s{self.stride} p{self.padding}"
+            f"k{kernel} s{self.stride} p{self.padding}{groups}"
         )
 
     @property
@@ -115,6 +118,37 @@ SHAPES: tuple[Shape, ...] = (
     Shape("2d-c", 128, 256, 256, (8, 8), 3, 1, 1),
     Shape("3d-a", 64, 32, 32, (8, 8, 8), 3, 1, 1),
 )
+# Depthwise convs (groups = channels, as in MobileNet / ConvNeXt blocks), a grid of their own
+# (``--grid depthwise``): the methods that suit them differ, and ``depthwise`` would unroll a multiply-add
+# per tap and input channel on the main grid's dense convs.
+DEPTHWISE_SHAPES: tuple[Shape, ...] = (
+    Shape("dw-3x3", 64, 64, 64, (32, 32), 3, 1, 1, groups=64),
+    Shape("dw-7x7", 64, 64, 64, (32, 32), 7, 1, 3, groups=64),
+    Shape("dw-s2", 64, 128, 128, (16, 16), 3, 2, 1, groups=128),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """A set of shapes with the jdynconv methods timed on them, reported under ``stem``."""
+
+    stem: str
+    title: str
+    shapes: tuple[Shape, ...]
+    methods: tuple[str, ...]
+    quick_shapes: tuple[str, ...]
+
+
+GRIDS: dict[str, Grid] = {
+    "main": Grid("per_sample_conv", "Per-sample convolution", SHAPES, JDYNCONV_METHODS, QUICK_SHAPES),
+    "depthwise": Grid(
+        "per_sample_conv_depthwise",
+        "Per-sample depthwise convolution",
+        DEPTHWISE_SHAPES,
+        ("auto", "depthwise", "im2col", "direct", "vmap"),
+        ("dw-3x3",),
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -149,10 +183,11 @@ class Problem:
     @classmethod
     def random(cls, shape: Shape, seed: int = 0) -> Problem:
         rng = np.random.default_rng(seed)
-        fan_in = shape.in_channels * shape.kernel**shape.num_spatial
+        group_in = shape.in_channels // shape.groups
+        fan_in = group_in * shape.kernel**shape.num_spatial
         inputs = rng.standard_normal((shape.batch, shape.in_channels, *shape.spatial), dtype=np.float32)
         kernels = rng.standard_normal(
-            (shape.batch, shape.out_channels, shape.in_channels, *shape.kernel_size), dtype=np.float32
+            (shape.batch, shape.out_channels, group_in, *shape.kernel_size), dtype=np.float32
         ) / np.float32(math.sqrt(fan_in))
         cotangent = rng.standard_normal((shape.batch, shape.out_channels, *shape.out_spatial), dtype=np.float32)
         return cls(shape, inputs, kernels, cotangent)
@@ -186,7 +221,7 @@ def build_jdynconv(method: str, problem: Problem, mode: str) -> Call:
         strides=shape.stride,
         padding=shape.padding,
         kernel_dilation=1,
-        feature_group_count=1,
+        feature_group_count=shape.groups,
         data_format="channels_first",
         precision=jax.lax.Precision.HIGHEST,
         method=method,
@@ -227,26 +262,26 @@ def torch_conv(shape: Shape) -> Callable[..., torch.Tensor]:
 
 
 def torch_grouped(shape: Shape) -> TorchConv:
-    """The usual PyTorch trick: the batch folded into channels, one conv with ``groups=B``."""
+    """The usual PyTorch trick: the batch folded into channels, one conv with ``groups=B * G``."""
     conv = torch_conv(shape)
 
     def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         batch, in_channels, *spatial = x.shape
         out_channels = w.shape[1]
         folded_kernels = w.reshape(batch * out_channels, *w.shape[2:])
-        y = conv(x.reshape(1, batch * in_channels, *spatial), folded_kernels, groups=batch)
+        y = conv(x.reshape(1, batch * in_channels, *spatial), folded_kernels, groups=batch * shape.groups)
         return y.reshape(batch, out_channels, *y.shape[2:])
 
     return forward
 
 
 def torch_vmap(shape: Shape) -> TorchConv:
-    conv = torch_conv(shape)
+    conv = functools.partial(torch_conv(shape), groups=shape.groups)
     return torch.func.vmap(lambda x, w: conv(x[None], w)[0])
 
 
 def torch_loop(shape: Shape) -> TorchConv:
-    conv = torch_conv(shape)
+    conv = functools.partial(torch_conv(shape), groups=shape.groups)
     return lambda x, w: torch.cat([conv(x[i : i + 1], w[i]) for i in range(x.shape[0])])
 
 
@@ -285,14 +320,12 @@ def build_torch(form: str, device: torch.device, problem: Problem, mode: str) ->
     return run_backward
 
 
-def competitors(torch_device: torch.device) -> list[Competitor]:
+def competitors(torch_device: torch.device, methods: Sequence[str] = JDYNCONV_METHODS) -> list[Competitor]:
     """The reference first: its result is what every other competitor is checked against."""
     torch_side = [
         Competitor(f"torch {form}", functools.partial(build_torch, form, torch_device)) for form in TORCH_FORMS
     ]
-    jax_side = [
-        Competitor(f"jdynconv {method}", functools.partial(build_jdynconv, method)) for method in JDYNCONV_METHODS
-    ]
+    jax_side = [Competitor(f"jdynconv {method}", functools.partial(build_jdynconv, method)) for method in methods]
     return [*torch_side, *jax_side]
 
 
@@ -391,13 +424,15 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def bench_shape(index: int, shape: Shape, settings: Settings, torch_device: torch.device) -> dict[str, Any]:
+def bench_shape(
+    index: int, shape: Shape, settings: Settings, torch_device: torch.device, methods: Sequence[str] = JDYNCONV_METHODS
+) -> dict[str, Any]:
     problem = Problem.random(shape, seed=index)
     log(f"[{shape.label}] {shape.fwd_gflop:.3g} GFLOP forward")
     prepared: dict[tuple[str, str], Prepared] = {}
     for mode in MODES:
         reference: tuple[np.ndarray, ...] | None = None
-        for competitor in competitors(torch_device):
+        for competitor in competitors(torch_device, methods):
             try:
                 entry, result = prepare(competitor, mode, problem, reference, settings)
             except Exception as error:  # a failing competitor is reported, not fatal
@@ -461,6 +496,7 @@ def bench_shape(index: int, shape: Shape, settings: Settings, torch_device: torc
         "kernel_size": list(shape.kernel_size),
         "stride": shape.stride,
         "padding": shape.padding,
+        "groups": shape.groups,
         "fwd_gflop": shape.fwd_gflop,
         "results": results,
         "best_torch": best_torch,
@@ -489,12 +525,12 @@ def report_table(shape_results: Sequence[dict[str, Any]], names: Sequence[str]) 
     return markdown_table(headers, rows)
 
 
-def header_lines(metadata: dict[str, Any], settings: Settings) -> list[str]:
+def header_lines(metadata: dict[str, Any], settings: Settings, grid: Grid = GRIDS["main"]) -> list[str]:
     torch_where = metadata["torch_device"]
     if metadata.get("torch_cuda_device") and torch_where == "cuda":
         torch_where += f" ({metadata['torch_cuda_device']})"
     return [
-        "# Per-sample convolution: jdynconv vs PyTorch",
+        f"# {grid.title}: jdynconv vs PyTorch",
         "",
         f"- date: {metadata['date']}; platform: {metadata['platform']}; CPU: {metadata['cpu']} "
         f"({metadata['cpu_count']} logical cores)",
@@ -512,15 +548,20 @@ def header_lines(metadata: dict[str, Any], settings: Settings) -> list[str]:
 
 
 def write_reports(
-    out_dir: Path, backend: str, metadata: dict[str, Any], settings: Settings, shape_results: list[dict[str, Any]]
+    out_dir: Path,
+    backend: str,
+    metadata: dict[str, Any],
+    settings: Settings,
+    shape_results: list[dict[str, Any]],
+    grid: Grid = GRIDS["main"],
 ) -> tuple[Path, Path, Path]:
-    stem = f"per_sample_conv_{backend}"
+    stem = f"{grid.stem}_{backend}"
     json_path, md_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png"))
     write_json(json_path, {"benchmark": "per_sample_conv", "metadata": metadata, "shapes": shape_results})
-    names = [c.name for c in competitors(torch.device("cpu"))]
+    names = [c.name for c in competitors(torch.device("cpu"), grid.methods)]
     ordered = [n for n in names if n.startswith("jdynconv ")] + [n for n in names if n.startswith("torch ")]
     table = report_table(shape_results, ordered)
-    md_path.write_text("\n".join([*header_lines(metadata, settings), "", table, ""]))
+    md_path.write_text("\n".join([*header_lines(metadata, settings, grid), "", table, ""]))
     jax_names = [n for n in ordered if n.startswith("jdynconv ")]
     panels = {
         mode: {
@@ -534,7 +575,7 @@ def write_reports(
         groups=[shape["name"] for shape in shape_results],
         panels=panels,
         title=(
-            f"per_sample_conv, jdynconv / fastest PyTorch ({metadata['device_kind']}, jax {metadata['jax']}, "
+            f"{grid.stem}, jdynconv / fastest PyTorch ({metadata['device_kind']}, jax {metadata['jax']}, "
             f"torch {metadata.get('torch')}, {metadata['date'][:10]})"
         ),
         highlight="auto",
@@ -545,32 +586,39 @@ def write_reports(
 # --- CLI ------------------------------------------------------------------------------------------------
 
 
-def select_shapes(tokens: Sequence[str] | None, quick: bool) -> list[tuple[int, Shape]]:
+def select_shapes(tokens: Sequence[str] | None, quick: bool, grid: Grid = GRIDS["main"]) -> list[tuple[int, Shape]]:
+    shapes = grid.shapes
     if not tokens:
-        tokens = QUICK_SHAPES if quick else [shape.name for shape in SHAPES]
-    by_name = {shape.name: i for i, shape in enumerate(SHAPES)}
+        tokens = grid.quick_shapes if quick else [shape.name for shape in shapes]
+    by_name = {shape.name: i for i, shape in enumerate(shapes)}
     chosen: list[int] = []
     for token in (part for raw in tokens for part in raw.split(",") if part):
-        if token.isdigit() and int(token) < len(SHAPES):
+        if token.isdigit() and int(token) < len(shapes):
             chosen.append(int(token))
         elif token in by_name:
             chosen.append(by_name[token])
         else:
-            choices = ", ".join(f"{i}={shape.name}" for i, shape in enumerate(SHAPES))
+            choices = ", ".join(f"{i}={shape.name}" for i, shape in enumerate(shapes))
             raise SystemExit(f"Unknown shape {token!r}; choose indices or names among: {choices}.")
-    return [(i, SHAPES[i]) for i in dict.fromkeys(chosen)]
+    return [(i, shapes[i]) for i in dict.fromkeys(chosen)]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    shape_list = "; ".join(f"{i}={shape.label}" for i, shape in enumerate(SHAPES))
+    shape_list = "; ".join(
+        f"{name}: " + ", ".join(f"{i}={shape.label}" for i, shape in enumerate(grid.shapes))
+        for name, grid in GRIDS.items()
+    )
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"smoke test: {QUICK_ROUNDS} rounds, short samples, shapes {', '.join(QUICK_SHAPES)} unless --shapes",
+        help=f"smoke test: {QUICK_ROUNDS} rounds, short samples, the grid's first shapes unless --shapes",
     )
     parser.add_argument("--rounds", type=int, help=f"timed rounds (default {DEFAULT_ROUNDS}, {QUICK_ROUNDS} quick)")
-    parser.add_argument("--shapes", nargs="+", help=f"indices or names, space or comma separated: {shape_list}")
+    parser.add_argument("--grid", choices=GRIDS, default="main", help="main (default) or depthwise; own report files")
+    parser.add_argument(
+        "--shapes", nargs="+", help=f"indices or names within the grid, space or comma separated: {shape_list}"
+    )
     parser.add_argument("--max-call-s", type=float, default=2.0, help="skip competitors slower than this per call")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON, MD and PNG")
     return parser.parse_args(argv)
@@ -592,7 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_sample_s=QUICK_MIN_SAMPLE_S if args.quick else DEFAULT_MIN_SAMPLE_S,
         max_call_s=args.max_call_s,
     )
-    shapes = select_shapes(args.shapes, args.quick)
+    grid = GRIDS[args.grid]
+    shapes = select_shapes(args.shapes, args.quick, grid)
     metadata = environment_metadata() | {
         "torch_device": torch_device.type,
         "rounds": settings.rounds,
@@ -600,21 +649,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_call_s": settings.max_call_s,
         "tolerance": TOLERANCE,
         "quick": args.quick,
+        "grid": args.grid,
         "command": " ".join(sys.argv),
     }
-    print("\n".join(header_lines(metadata, settings)) + "\n", flush=True)
+    print("\n".join(header_lines(metadata, settings, grid)) + "\n", flush=True)
     if backend == "gpu" and torch_device.type != "cuda":
         log("!! JAX runs on GPU but PyTorch has no CUDA: ratios compare a GPU with the CPU.")
 
     start = time.perf_counter()
     shape_results: list[dict[str, Any]] = []
     for index, shape in shapes:
-        shape_results.append(bench_shape(index, shape, settings, torch_device))
+        shape_results.append(bench_shape(index, shape, settings, torch_device, grid.methods))
         jax.clear_caches()
-        paths = write_reports(args.out, backend, metadata, settings, shape_results)
+        paths = write_reports(args.out, backend, metadata, settings, shape_results, grid)
         log(f"  done in {time.perf_counter() - start:.0f} s so far; results in {paths[0]}")
 
-    names = [c.name for c in competitors(torch_device)]
+    names = [c.name for c in competitors(torch_device, grid.methods)]
     ordered = [n for n in names if n.startswith("jdynconv ")] + [n for n in names if n.startswith("torch ")]
     print(report_table(shape_results, ordered))
     print(f"\nWrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.0f} s.")

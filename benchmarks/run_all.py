@@ -25,6 +25,9 @@ from summary import END_MARKER, REPO_ROOT, SECTIONS, START_MARKER, update_block,
 
 # Every benchmark the summary knows, in the summary's order; each is benchmarks/<name>.py.
 BENCHMARKS = tuple(SECTIONS)
+# Further runs of a benchmark, with these arguments, after its default one: reports of their own that the
+# summary does not read (per_sample_conv's depthwise grid; the README quotes it in its prose).
+EXTRA_RUNS: dict[str, tuple[tuple[str, ...], ...]] = {"per_sample_conv": (("--grid", "depthwise"),)}
 BENCHMARK_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results"
 DEFAULT_README = REPO_ROOT / "README.md"
@@ -36,8 +39,8 @@ def shown(path: Path) -> str:
     return path.relative_to(REPO_ROOT).as_posix() if path.is_relative_to(REPO_ROOT) else os.fspath(path)
 
 
-def benchmark_command(name: str, out_dir: Path, quick: bool) -> list[str]:
-    command = [sys.executable, shown(BENCHMARK_DIR / f"{name}.py"), "--out", shown(out_dir)]
+def benchmark_command(name: str, out_dir: Path, quick: bool, extra: Sequence[str] = ()) -> list[str]:
+    command = [sys.executable, shown(BENCHMARK_DIR / f"{name}.py"), *extra, "--out", shown(out_dir)]
     return [*command, "--quick"] if quick else command
 
 
@@ -48,11 +51,12 @@ def benchmark_env() -> dict[str, str]:
     return env
 
 
-def run_benchmark(name: str, out_dir: Path, quick: bool) -> tuple[int, float]:
+def run_benchmark(name: str, out_dir: Path, quick: bool, extra: Sequence[str] = ()) -> tuple[int, float]:
     """Runs one benchmark (its output streams through); returns its exit status and wall time."""
     start = time.perf_counter()
     # cwd = the repository root: the scripts' relative defaults and the recorded commands assume it.
-    completed = subprocess.run(benchmark_command(name, out_dir, quick), cwd=REPO_ROOT, env=benchmark_env(), check=False)
+    command = benchmark_command(name, out_dir, quick, extra)
+    completed = subprocess.run(command, cwd=REPO_ROOT, env=benchmark_env(), check=False)
     return completed.returncode, time.perf_counter() - start
 
 
@@ -93,15 +97,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"run_all: {error}; add the marker lines or pass --no-readme", file=sys.stderr)
             return 2
     names = [name for name in BENCHMARKS if args.only is None or name in args.only]
+    runs = [(name, extra) for name in names for extra in ((), *EXTRA_RUNS.get(name, ()))]
 
     start = time.perf_counter()
     failed = []
-    for i, name in enumerate(names, 1):
-        print(f"\n=== [{i}/{len(names)}] {name}: {' '.join(benchmark_command(name, out_dir, args.quick))}", flush=True)
-        status, seconds = run_benchmark(name, out_dir, args.quick)
-        print(f"=== [{i}/{len(names)}] {name}: exit {status} after {seconds:.0f} s", flush=True)
+    for i, (name, extra) in enumerate(runs, 1):
+        label = " ".join([name, *extra])
+        command = " ".join(benchmark_command(name, out_dir, args.quick, extra))
+        print(f"\n=== [{i}/{len(runs)}] {label}: {command}", flush=True)
+        status, seconds = run_benchmark(name, out_dir, args.quick, extra)
+        print(f"=== [{i}/{len(runs)}] {label}: exit {status} after {seconds:.0f} s", flush=True)
         if status != 0:
-            failed.append(name)
+            failed.append(label)
 
     try:
         written = write_summary(out_dir, readme)
