@@ -75,12 +75,14 @@ def load_result(path: Path) -> Result:
 
 
 def load_results(results_dir: Path) -> list[Result]:
-    """Every ``*.json`` in ``results_dir``, in the order the benchmarks are listed, then by device."""
+    """Every ``*.json`` in ``results_dir``, in the order the benchmarks are listed, then by device; results of a
+    benchmark's other grids (``per_sample_conv.py --grid depthwise``: metadata ``grid`` other than ``main``) are
+    left out, since each section's table is laid out for its main grid."""
     paths = sorted(results_dir.glob("*.json"))
     if not paths:
         raise FileNotFoundError(f"No benchmark results (*.json) in {results_dir}")
     order = {name: i for i, name in enumerate(SECTIONS)}
-    results = [load_result(path) for path in paths]
+    results = [result for result in map(load_result, paths) if result.metadata.get("grid", "main") == "main"]
     return sorted(results, key=lambda result: (order[result.benchmark], result.device, result.path.name))
 
 

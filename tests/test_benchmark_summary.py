@@ -22,7 +22,12 @@ from benchmarks import summary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-RESULT_FILES = sorted(RESULTS_DIR.glob("*.json"))
+# The files the summary reads: each benchmark's main grid (per_sample_conv's depthwise grid has its own report).
+RESULT_FILES = sorted(
+    path
+    for path in RESULTS_DIR.glob("*.json")
+    if json.loads(path.read_text())["metadata"].get("grid", "main") == "main"
+)
 START, END = summary.START_MARKER, summary.END_MARKER
 
 
@@ -228,6 +233,20 @@ def test_unknown_benchmark_names_the_file(tmp_path: Path) -> None:
     write_json(tmp_path / "mystery_cpu.json", {"benchmark": "mystery", "metadata": {}})
     with pytest.raises(ValueError, match=r"mystery_cpu\.json.*'mystery'"):
         summary.render_summary(tmp_path)
+
+
+def test_other_grids_are_left_out(tmp_path: Path) -> None:
+    """per_sample_conv's depthwise grid has a report of its own, not a row in the summary's table."""
+    main = next(path for path in RESULT_FILES if path.name == "per_sample_conv_cpu.json")
+    shutil.copy(main, tmp_path)
+    payload = json.loads(main.read_text())
+    payload["metadata"]["grid"] = "depthwise"
+    payload["shapes"][0]["name"] = "other-grid-shape"
+    write_json(tmp_path / "per_sample_conv_depthwise_cpu.json", payload)
+    text = summary.render_summary(tmp_path)
+    assert "other-grid-shape" not in text
+    assert "depthwise_cpu" not in text
+    assert "Per-sample convolution" in text  # the main grid's table is there
 
 
 def test_file_without_benchmark_names_the_file(tmp_path: Path) -> None:
