@@ -23,19 +23,15 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jdynconv._batch_norm import statistics_dtype
 from jdynconv._conv_spec import ConvDims, ConvSpec, output_spatial_shape
 from jdynconv._im2col import chunk_size, map_in_chunks, tap_views
 
 
 def _accumulation_dtype(dtype: jnp.dtype, spec: ConvSpec) -> jnp.dtype:
-    """float32 at least: summing taps in bfloat16 would lose a bit per tap."""
-    if spec.preferred_element_type is not None:
-        return jnp.dtype(spec.preferred_element_type)
-    return jnp.dtype(jnp.float32) if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
-
-
-def _output_dtype(dtype: jnp.dtype, spec: ConvSpec) -> jnp.dtype:
-    return jnp.dtype(dtype if spec.preferred_element_type is None else spec.preferred_element_type)
+    """``preferred_element_type``, else float32 at least (BatchNorm's rule for its statistics): summing taps
+    in bfloat16 would round once per tap."""
+    return jnp.dtype(spec.preferred_element_type or statistics_dtype(dtype))
 
 
 def conv_depthwise_sample(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
@@ -59,7 +55,7 @@ def conv_depthwise_sample(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec)
         for c in range(group_in):
             term = jnp.repeat(grouped[..., c], out_channels // groups, axis=-1) * tap_weights[c]  # (*out, O)
             out = term if out is None else out + term
-    return out.astype(_output_dtype(inputs.dtype, spec))
+    return out.astype(spec.preferred_element_type or inputs.dtype)
 
 
 def conv_depthwise_sample_channels_first(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
@@ -78,7 +74,7 @@ def conv_depthwise_sample_channels_first(inputs: jax.Array, kernels: jax.Array, 
         for c in range(group_in):
             term = grouped[:, c, None] * tap_weights[c]  # (G, 1, *out) * (G, O // G, 1, ...)
             out = term if out is None else out + term
-    return out.reshape(out_channels, *out.shape[2:]).astype(_output_dtype(inputs.dtype, spec))
+    return out.reshape(out_channels, *out.shape[2:]).astype(spec.preferred_element_type or inputs.dtype)
 
 
 def depthwise_chunk(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec, *, channels_first: bool) -> int:
