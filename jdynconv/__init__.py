@@ -3,8 +3,14 @@
 Per-sample convolution (every batch element its own kernel), weighted branch mixing, and kernel
 mixing (CondConv, Dynamic Convolution), as pure functions over ``jax.lax`` with Flax modules on top:
 ``jdynconv.linen`` and ``jdynconv.nnx`` (same names, same maths); ``jdynconv.interop`` moves weights
-between PyTorch and Flax.
+between PyTorch and Flax. The three submodules are attributes of the package too
+(``jdynconv.linen.BranchMixConv``), imported on first use so ``import jdynconv`` stays light and never
+imports torch.
 """
+
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from jdynconv._kernel_mix import temperature_schedule as temperature_schedule
 from jdynconv.functional import mix_kernels as mix_kernels
@@ -14,3 +20,21 @@ from jdynconv.functional import per_sample_conv as per_sample_conv
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "mix_kernels", "mix_outputs", "per_sample_conv", "temperature_schedule"]
+
+_SUBMODULES = ("interop", "linen", "nnx")
+
+if TYPE_CHECKING:
+    from jdynconv import interop as interop
+    from jdynconv import linen as linen
+    from jdynconv import nnx as nnx
+
+
+def __getattr__(name: str) -> ModuleType:
+    """``jdynconv.linen``, ``jdynconv.nnx`` and ``jdynconv.interop``, imported on first access (PEP 562)."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBMODULES})

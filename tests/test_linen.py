@@ -291,13 +291,24 @@ def test_bfloat16_training_gradients_chunked_match_fused(monkeypatch: pytest.Mon
         assert chunked_error <= max(1.5 * fused_error, 4e-3 * scale), (name, chunked_error, fused_error)
 
 
+def _scan_carry_count(params: dict[str, Any]) -> int:
+    """How many of a ``scan`` equation's results are its loop carry (they come first, then the stacked ys).
+
+    jax 0.10 states it as ``num_carry``; jax 0.12 gives the results' structure as ``ft_out``, a flat tree
+    that unpacks into ``(carry, ys)`` and whose ``len`` is its number of leaves.
+    """
+    if "num_carry" in params:
+        return params["num_carry"]
+    carry, _ = params["ft_out"].unpack()
+    return len(carry)
+
+
 def _scan_carries(jaxpr: jax.extend.core.Jaxpr) -> list[Any]:
     """The avals of every ``scan``'s loop carry in ``jaxpr``, nested jaxprs included."""
     found = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "scan":
-            start = eqn.params["num_consts"]
-            found += [var.aval for var in eqn.invars[start : start + eqn.params["num_carry"]]]
+            found += [var.aval for var in eqn.outvars[: _scan_carry_count(eqn.params)]]
         for inner in jax.extend.core.jaxprs_in_params(eqn.params):
             found += _scan_carries(inner)
     return found
