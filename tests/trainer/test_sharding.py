@@ -7,6 +7,7 @@ and on all four, and reports the largest differences of parameters and batch sta
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -72,8 +73,7 @@ print("REPORT", json.dumps(report))
 """
 
 
-@pytest.fixture(scope="module")
-def report() -> dict:
+def _four_device_report() -> dict:
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLES), env.get("PYTHONPATH", "")])
@@ -81,6 +81,22 @@ def report() -> dict:
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("REPORT "))
     return json.loads(line.removeprefix("REPORT "))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict:
+    """The subprocess's report, computed once per run: under pytest-xdist the first worker to get here
+    runs it and the others read its file (the pattern of xdist's docs; the run's workers share the
+    parent of their base temporary directories)."""
+    if worker_id == "master":
+        return _four_device_report()
+    shared = tmp_path_factory.getbasetemp().parent
+    with (shared / "four_device_report.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        saved = shared / "four_device_report.json"
+        if not saved.exists():
+            saved.write_text(json.dumps(_four_device_report()))
+    return json.loads(saved.read_text())
 
 
 def test_subprocess_has_four_devices_and_splits_the_batch(report: dict) -> None:
