@@ -15,9 +15,7 @@ import pytest
 import jdynconv as jdc
 from jdynconv import _conv_spec, _depthwise, _lowerings
 from tests import reference
-from tests.helpers import assert_close, equation_params
-
-F32_RTOL = 1e-5
+from tests.helpers import F32_RTOL, assert_close, equation_params
 
 # (name, batch, spatial, in_channels, out_channels, kernel_size, call kwargs, reference geometry)
 DEPTHWISE_CASES = [

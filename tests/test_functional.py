@@ -17,9 +17,7 @@ import jdynconv as jdc
 from jdynconv import _im2col
 from jdynconv.functional import DATA_FORMATS, METHODS
 from tests import reference
-from tests.helpers import assert_close, equation_operand_shapes, equation_params
-
-F32_RTOL = 1e-5
+from tests.helpers import F32_RTOL, assert_close, equation_operand_shapes, equation_params
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,9 +15,7 @@ from jdynconv import _kernel_mix
 from jdynconv import linen as jl
 from jdynconv import nnx as jn
 from tests import reference
-from tests.helpers import assert_close
-
-RTOL = 1e-5
+from tests.helpers import F32_RTOL, assert_close
 
 
 def _random_params(variables: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -68,10 +66,10 @@ def test_cond_conv_matches_reference(spatial, in_features, attributes, geometry,
     pooled = x.astype(np.float64).mean(axis=tuple(range(1, x.ndim - 1)))
     routing = 1 / (1 + np.exp(-(pooled @ params["routing_kernel"] + params["routing_bias"])))
     out = jax.jit(module.apply)(variables, x)
-    assert_close(out, _expected(x, routing, params, geometry), RTOL)
+    assert_close(out, _expected(x, routing, params, geometry), F32_RTOL)
     # External routing weights, as timm's CondConv2d takes them.
     given = np.random.default_rng(2).uniform(size=(3, attributes["num_experts"])).astype(np.float32)
-    assert_close(module.apply(variables, x, given), _expected(x, given, params, geometry), RTOL)
+    assert_close(module.apply(variables, x, given), _expected(x, given, params, geometry), F32_RTOL)
 
 
 @pytest.mark.parametrize("temperature", [30.0, 1.0, 0.5])
@@ -93,7 +91,7 @@ def test_dynamic_conv_matches_reference(
     attention = np.exp(logits / temperature - (logits / temperature).max(1, keepdims=True))
     attention /= attention.sum(1, keepdims=True)
     out = jax.jit(module.apply)(variables, x, jnp.float32(temperature))
-    assert_close(out, _expected(x, attention, params, geometry), RTOL)
+    assert_close(out, _expected(x, attention, params, geometry), F32_RTOL)
 
 
 @pytest.mark.parametrize("layer", ["cond", "dynamic"])

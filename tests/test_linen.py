@@ -15,9 +15,7 @@ import pytest
 from jdynconv import _branch_mix, _im2col
 from jdynconv.linen import BranchMixConv
 from tests import reference
-from tests.helpers import assert_close
-
-RTOL = 1e-5
+from tests.helpers import F32_RTOL, assert_close
 
 
 def _randomise(variables: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -74,11 +72,11 @@ def test_matches_branch_by_branch_reference(
     expected, batch_mean, batch_var = reference.branch_mix(
         x, _numpy_params(variables), np.asarray(stats["mean"]), np.asarray(stats["var"]), geometry, training=training
     )
-    assert_close(out, expected, RTOL, "output")
+    assert_close(out, expected, F32_RTOL, "output")
     if training:
         # Flax momentum 0.9 == PyTorch momentum 0.1; the default keeps Flax's biased variance.
-        assert_close(updates["batch_stats"]["mean"], 0.9 * stats["mean"] + 0.1 * batch_mean, RTOL, "mean")
-        assert_close(updates["batch_stats"]["var"], 0.9 * stats["var"] + 0.1 * batch_var, RTOL, "var")
+        assert_close(updates["batch_stats"]["mean"], 0.9 * stats["mean"] + 0.1 * batch_mean, F32_RTOL, "mean")
+        assert_close(updates["batch_stats"]["var"], 0.9 * stats["var"] + 0.1 * batch_var, F32_RTOL, "var")
     else:
         assert_close(updates["batch_stats"]["mean"], stats["mean"], 0.0, "mean unchanged in eval")
 
@@ -97,7 +95,7 @@ def test_unbiased_running_var_is_pytorchs() -> None:
         training=True,
     )
     count = 4 * 5 * 5
-    assert_close(updates["batch_stats"]["var"], 0.9 + 0.1 * batch_var * count / (count - 1), RTOL)
+    assert_close(updates["batch_stats"]["var"], 0.9 + 0.1 * batch_var * count / (count - 1), F32_RTOL)
 
 
 def test_init_does_not_update_running_stats() -> None:
@@ -130,7 +128,7 @@ def test_gate_options(gate: str, gate_input: str, temperature: float) -> None:
         gate_input=gate_input,
         temperature=temperature,
     )
-    assert_close(out, expected, RTOL)
+    assert_close(out, expected, F32_RTOL)
     if gate_input == "mean":
         # A pooled gate accepts any spatial size.
         assert module.apply(variables, np.ones((3, 9, 7, 2), np.float32), use_running_average=True).shape == (
@@ -153,9 +151,9 @@ def test_callable_gate_and_given_gate_weights() -> None:
     only_second = BranchMixConv(3, 3, 2).apply(
         variables, x, use_running_average=True, gate_weights=jnp.tile(jnp.asarray([[0.0, 1.0]]), (3, 1))
     )
-    assert_close(out[0], only_first[0], RTOL)
-    assert_close(out[1], only_second[1], RTOL)
-    assert_close(out[2], 0.5 * (only_first[2] + only_second[2]), RTOL)
+    assert_close(out[0], only_first[0], F32_RTOL)
+    assert_close(out[1], only_second[1], F32_RTOL)
+    assert_close(out[2], 0.5 * (only_first[2] + only_second[2]), F32_RTOL)
 
 
 def _train_step(module: BranchMixConv):
@@ -381,10 +379,10 @@ def test_chunked_with_a_partial_last_chunk(monkeypatch: pytest.MonkeyPatch, trai
     expected, batch_mean, batch_var = reference.branch_mix(
         x, _numpy_params(variables), np.asarray(stats["mean"]), np.asarray(stats["var"]), geometry, training=training
     )
-    assert_close(out, expected, RTOL, "output")
+    assert_close(out, expected, F32_RTOL, "output")
     if training:
-        assert_close(updates["batch_stats"]["mean"], 0.9 * stats["mean"] + 0.1 * batch_mean, RTOL, "mean")
-        assert_close(updates["batch_stats"]["var"], 0.9 * stats["var"] + 0.1 * batch_var, RTOL, "var")
+        assert_close(updates["batch_stats"]["mean"], 0.9 * stats["mean"] + 0.1 * batch_mean, F32_RTOL, "mean")
+        assert_close(updates["batch_stats"]["var"], 0.9 * stats["var"] + 0.1 * batch_var, F32_RTOL, "var")
 
 
 def test_training_steps_reduce_the_loss_under_jit() -> None:

@@ -7,7 +7,6 @@ and on all four, and reports the largest differences of parameters and batch sta
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
@@ -83,48 +82,29 @@ def _four_device_report() -> dict:
     return json.loads(line.removeprefix("REPORT "))
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict:
-    """The subprocess's report, computed once per run: under pytest-xdist the first worker to get here
-    runs it and the others read its file (the pattern of xdist's docs; the run's workers share the
-    parent of their base temporary directories)."""
-    if worker_id == "master":
-        return _four_device_report()
-    shared = tmp_path_factory.getbasetemp().parent
-    with (shared / "four_device_report.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        saved = shared / "four_device_report.json"
-        if not saved.exists():
-            saved.write_text(json.dumps(_four_device_report()))
-    return json.loads(saved.read_text())
-
-
-def test_subprocess_has_four_devices_and_splits_the_batch(report: dict) -> None:
+def test_four_device_run_splits_the_batch_and_equals_one_device() -> None:
+    """One test over the one subprocess run: under pytest-xdist, tests sharing a module fixture can land
+    on both workers, and each would run the subprocess (or wait for the other's)."""
+    report = _four_device_report()
     assert report["devices"] == 4
     assert report["batch_shard_rows"] == [4, 4, 4, 4]
     assert report["eval_chunk"] == [[256, 32, 32, 1], [64, 64, 64, 64]]
-
-
-@pytest.mark.parametrize("api", ["linen", "nnx"])
-def test_sharded_run_equals_single_device_run(report: dict, api: str) -> None:
-    result = report[api]
-    assert result["num_devices"] == 4
-    assert result["fully_replicated"]  # every parameter and statistic is whole on all four devices
-    assert result["keys_equal"]
-    assert result["num_params"] > 0
-    # The optimizer moved the parameters (not just the statistics): the comparison means something.
-    assert result["params_moved_from_init"] > 1e-4
-    # float32: the all-reduced sums add in another order than one device's; 4 AdamW steps.
-    assert result["max_abs_diff"] <= 1e-5 * max(1.0, result["max_abs_value"]), result
-    assert result["eval_accuracy_diff"] <= 2 / 512  # at most a borderline image or two may flip
-
-
-@pytest.mark.parametrize("api", ["linen", "nnx"])
-def test_sharded_resume_is_bitwise(report: dict, api: str) -> None:
-    result = report[api]
-    assert result["resumed_from"] == 2
-    assert result["resume_bitwise"]
-    assert result["resume_history_equal"]
+    for api in ("linen", "nnx"):
+        result = report[api]
+        assert result["num_devices"] == 4, api
+        assert result["fully_replicated"], api  # every parameter and statistic is whole on all four devices
+        assert result["keys_equal"], api
+        assert result["num_params"] > 0, api
+        # The optimizer moved the parameters (not just the statistics): the comparison means something.
+        assert result["params_moved_from_init"] > 1e-4, api
+        # float32: the all-reduced sums add in another order than one device's; 4 AdamW steps
+        # (measured: 2.4e-7 linen, 4.2e-7 NNX, values up to 3.2, so 1e-5 leaves 20x).
+        assert result["max_abs_diff"] <= 1e-5 * max(1.0, result["max_abs_value"]), (api, result)
+        assert result["eval_accuracy_diff"] <= 2 / 512, api  # at most a borderline image or two may flip
+        # Sharded resume: from the step-2 checkpoint on the 4 devices, bit for bit the uninterrupted run.
+        assert result["resumed_from"] == 2, api
+        assert result["resume_bitwise"], api
+        assert result["resume_history_equal"], api
 
 
 def test_batch_that_does_not_split_evenly_is_refused() -> None:
