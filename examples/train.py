@@ -11,6 +11,15 @@ evaluation, a tqdm progress bar, orbax checkpoints, and a loss/accuracy plot.
     python examples/train.py --ckpt-dir runs/ckpt --steps 600          # checkpoint every 100 steps
     python examples/train.py --ckpt-dir runs/ckpt --steps 600 --resume # continue from the latest one
 
+Multi-host: start the same command once per process with ``--num-processes``, ``--process-id`` and the
+first process's ``--coordinator-address`` (``jax.distributed.initialize``); the batch is split over every
+process's devices, and process 0 writes the outputs. Two processes on one machine, two CPU devices each:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python examples/train.py --coordinator-address \
+        localhost:12355 --num-processes 2 --process-id 0 &
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python examples/train.py --coordinator-address \
+        localhost:12355 --num-processes 2 --process-id 1
+
 Writes ``<out-dir>/train_<api>.png`` (curves) and ``<out-dir>/train_<api>.json`` (history and summary).
 """
 
@@ -29,6 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 from trainer.checkpoints import CheckpointError
 from trainer.loop import APIS, DEFAULT_CKPT_EVERY, ConfigError, FitResult, TrainConfig, fit
 from trainer.plot import plot_history
@@ -63,7 +73,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--out-dir", type=Path, default=Path("runs"), help="where the plot and history go (default: %(default)s)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    distributed = parser.add_argument_group("multi-host (jax.distributed.initialize)")
+    distributed.add_argument("--coordinator-address", default=None, help="host:port of process 0")
+    distributed.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    distributed.add_argument("--process-id", type=int, default=None, help="this process's index, 0 to N - 1")
+    args = parser.parse_args(argv)
+    given = [args.coordinator_address is not None, args.num_processes is not None, args.process_id is not None]
+    if any(given) and not all(given):
+        parser.error("multi-host needs all of --coordinator-address, --num-processes and --process-id")
+    return args
+
+
+def is_first_process() -> bool:
+    """Whether this is process 0, which alone shows progress and writes files (every process trains)."""
+    return jax.process_index() == 0
 
 
 def summary(result: FitResult, config: TrainConfig) -> dict[str, Any]:
@@ -83,6 +106,8 @@ def summary(result: FitResult, config: TrainConfig) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.coordinator_address is not None:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     config = TrainConfig(
         api=args.api,
         steps=args.steps,
@@ -96,12 +121,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         resume=args.resume,
     )
     try:
-        result = fit(config, progress=not args.no_progress)
+        result = fit(config, progress=not args.no_progress and is_first_process())
     except ConfigError as err:
         sys.exit(f"error: --{err.field.replace('_', '-')} {err.message}")
     except CheckpointError as err:
         sys.exit(f"error: {err}")
     report = summary(result, config)
+    if not is_first_process():
+        return report
     plot = plot_history(
         result.history, args.out_dir / f"train_{config.api}.png", title=f"examples/train.py --api {config.api}"
     )

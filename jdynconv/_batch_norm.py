@@ -19,12 +19,29 @@ from jax import lax
 
 @dataclasses.dataclass(frozen=True)
 class NormConfig:
-    """BatchNorm's hyperparameters: Flax's ``momentum`` (weight of the old running value), ``epsilon``, and
-    whether the running variance is PyTorch's unbiased one."""
+    """BatchNorm's hyperparameters: Flax's ``momentum`` (weight of the old running value), ``epsilon``,
+    whether the running variance is PyTorch's unbiased one, and Flax's ``axis_name``: inside
+    ``jax.shard_map``, the mesh axes whose devices hold the rest of the batch (statistics over all of it)."""
 
     momentum: float
     epsilon: float
     unbiased_running_var: bool
+    axis_name: str | tuple[str, ...] | None = None
+
+
+def device_mean(value: jax.Array, norm: NormConfig) -> jax.Array:
+    """The mean of a per-device statistic over the devices of ``norm.axis_name`` (equal shards)."""
+    return value if norm.axis_name is None else lax.pmean(value, norm.axis_name)
+
+
+def device_sum(value: jax.Array, norm: NormConfig) -> jax.Array:
+    """The sum of a per-device statistic over the devices of ``norm.axis_name``."""
+    return value if norm.axis_name is None else lax.psum(value, norm.axis_name)
+
+
+def global_count(count: int, norm: NormConfig) -> int:
+    """Values per channel over the whole batch, from a device's ``count``."""
+    return count if norm.axis_name is None else count * lax.axis_size(norm.axis_name)
 
 
 def per_channel(values: jax.Array, ndim: int) -> jax.Array:
@@ -77,7 +94,10 @@ def batch_norm(
         return normalise(out, scale, offset, mean, var, norm.epsilon), (mean, var)
     values = out.astype(statistics_dtype(out.dtype))
     reduce_axes = tuple(range(out.ndim - 1))
-    batch_mean = jnp.mean(values, axis=reduce_axes)
-    batch_var = jnp.mean(jnp.square(values - per_channel(batch_mean, out.ndim)), axis=reduce_axes)
-    new_stats = running_update(mean, var, batch_mean, batch_var, out.size // out.shape[-1], norm)
+    # Two passes (mean, then squared deviations from it), each combined over the devices: exact, where
+    # a mean of squares minus a squared mean cancels.
+    batch_mean = device_mean(jnp.mean(values, axis=reduce_axes), norm)
+    deviation = values - per_channel(batch_mean, out.ndim)
+    batch_var = device_mean(jnp.mean(jnp.square(deviation), axis=reduce_axes), norm)
+    new_stats = running_update(mean, var, batch_mean, batch_var, global_count(out.size // out.shape[-1], norm), norm)
     return normalise(out, scale, offset, batch_mean, batch_var, norm.epsilon), new_stats

@@ -30,7 +30,7 @@ import numpy as np
 from flax.nnx.nn.dtypes import promote_dtype
 from jax import lax
 
-from jdynconv import _batch_norm, _checks, _conv_spec, _gates, _im2col
+from jdynconv import _batch_norm, _batch_parallel, _checks, _conv_spec, _gates, _im2col
 from jdynconv.functional import conv_spec, mix_outputs
 
 METHODS: tuple[str, ...] = ("auto", "fused", "chunked")
@@ -108,21 +108,30 @@ def branch_mix(
     return mixed, (_from_fused(new_mean, k, groups), _from_fused(new_var, k, groups))
 
 
-def _map_chunks(fn: Callable[..., Any], xs: tuple[jax.Array, ...], chunk: int) -> Any:
-    """``fn`` (batched: it takes ``(c, ...)`` arrays) over chunks of ``chunk`` samples of ``xs``, results
-    concatenated along the batch; a last, smaller chunk takes the remainder.
+def _map_chunks(fn: Callable[..., Any], xs: tuple[jax.Array, ...], shared: tuple[Any, ...], chunk: int) -> Any:
+    """``fn(*x_chunks, *shared)`` (batched: it takes ``(c, ...)`` chunks of ``xs``) over chunks of ``chunk``
+    samples, results concatenated along the batch; a last, smaller chunk takes the remainder.
 
     Not ``lax.map(..., batch_size=)``: that vmaps a per-sample function, whose size-1 batch axes put
-    XLA:CPU's fusions on a slow path (6x slower here).
+    XLA:CPU's fusions on a slow path (6x slower here). Under SPMD each device loops over its own shard of
+    the batch (:func:`_batch_parallel.map_batch_shards`); ``shared`` (parameters, statistics) is every
+    device's whole.
     """
+    return _batch_parallel.map_batch_shards(
+        lambda *args: _map_local_chunks(fn, args[: len(xs)], args[len(xs) :], chunk), xs, shared
+    )
+
+
+def _map_local_chunks(fn: Callable[..., Any], xs: tuple[jax.Array, ...], shared: tuple[Any, ...], chunk: int) -> Any:
     batch = xs[0].shape[0]
     full = batch // chunk * chunk
     parts = []
     if full:
-        chunked = lax.map(lambda args: fn(*args), tuple(x[:full].reshape(-1, chunk, *x.shape[1:]) for x in xs))
+        chunks = tuple(x[:full].reshape(-1, chunk, *x.shape[1:]) for x in xs)
+        chunked = lax.map(lambda args: fn(*args, *shared), chunks)
         parts.append(jax.tree.map(lambda y: y.reshape(full, *y.shape[2:]), chunked))
     if full < batch:
-        parts.append(fn(*(x[full:] for x in xs)))
+        parts.append(fn(*(x[full:] for x in xs), *shared))
     return parts[0] if len(parts) == 1 else jax.tree.map(lambda *ys: jnp.concatenate(ys), *parts)
 
 
@@ -175,7 +184,7 @@ def branch_mix_chunked(
     scale, offset = (_to_fused(p, groups).astype(stats_dtype) for p in (params.scale, params.offset))
     run_mean, run_var = (_to_fused(p, groups) for p in (mean, var))
 
-    def branch_outputs(x: jax.Array) -> jax.Array:
+    def branch_outputs(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
         """The chunk's fused conv, ``(c, *out, k * F)``; its kernel gradient is a matmul (fast in a loop)."""
         out = _im2col.shared_conv_matmul_kernel_grad(x, kernel.astype(x.dtype), spec, groups)
         return out if bias is None else out + _batch_norm.per_channel(bias.astype(out.dtype), out.ndim)
@@ -183,32 +192,36 @@ def branch_mix_chunked(
     if training:
 
         @jax.checkpoint
-        def moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def moments(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> tuple[jax.Array, jax.Array]:
             """Per-sample means ``(c, C)`` and sums of squared deviations from them ``(c, C)``."""
-            values = branch_outputs(x).astype(stats_dtype)
+            values = branch_outputs(x, kernel, bias).astype(stats_dtype)
             axes = tuple(range(1, values.ndim - 1))
             sample_mean = jnp.mean(values, axis=axes)
             deviation = values - sample_mean.reshape(x.shape[0], *([1] * (values.ndim - 2)), -1)
             return sample_mean, jnp.sum(jnp.square(deviation), axis=axes)
 
-        sample_means, sample_m2 = _map_chunks(moments, (inputs,), chunk)
+        sample_means, sample_m2 = _map_chunks(moments, (inputs,), (kernel, bias), chunk)
         # Chan et al.: every sample has `positions` values per channel, so the batch mean is the mean of
         # the sample means and the squared deviations add up with a between-sample term.
-        use_mean = jnp.mean(sample_means, axis=0)
-        spread = jnp.sum(jnp.square(sample_means - use_mean[None]), axis=0)
-        count = positions * inputs.shape[0]
-        use_var = (jnp.sum(sample_m2, axis=0) + positions * spread) / count
+        use_mean = _batch_norm.device_mean(jnp.mean(sample_means, axis=0), norm)
+        spread = _batch_norm.device_sum(jnp.sum(jnp.square(sample_means - use_mean[None]), axis=0), norm)
+        count = _batch_norm.global_count(positions * inputs.shape[0], norm)
+        use_var = (_batch_norm.device_sum(jnp.sum(sample_m2, axis=0), norm) + positions * spread) / count
         new_mean, new_var = _batch_norm.running_update(run_mean, run_var, use_mean, use_var, count, norm)
     else:
         use_mean, use_var = run_mean, run_var
         new_mean, new_var = run_mean, run_var
 
     @jax.checkpoint
-    def mixed_output(x: jax.Array, weights: jax.Array) -> jax.Array:
-        normalised = _batch_norm.normalise(branch_outputs(x), scale, offset, use_mean, use_var, norm.epsilon)
+    def mixed_output(x: jax.Array, weights: jax.Array, *shared: Any) -> jax.Array:
+        kernel, bias, scale, offset, use_mean, use_var = shared
+        normalised = _batch_norm.normalise(
+            branch_outputs(x, kernel, bias), scale, offset, use_mean, use_var, norm.epsilon
+        )
         return _mix_branches(activation(normalised), weights, k, groups)
 
-    mixed = _map_chunks(mixed_output, (inputs, gate_weights), chunk)
+    shared = (kernel, bias, scale, offset, use_mean, use_var)
+    mixed = _map_chunks(mixed_output, (inputs, gate_weights), shared, chunk)
     return mixed, (_from_fused(new_mean, k, groups), _from_fused(new_var, k, groups))
 
 
@@ -328,6 +341,7 @@ class BlockConfig:
     dtype: Any
     precision: Any
     method: str = "auto"
+    axis_name: str | tuple[str, ...] | None = None
 
 
 def choose_method(method: str, remat: bool, backend: str) -> Callable[..., Any]:
@@ -383,7 +397,7 @@ def apply_block(
         choose_method(config.method, config.remat, jax.default_backend()),
         spec=spec,
         training=training,
-        norm=_batch_norm.NormConfig(config.momentum, config.epsilon, config.unbiased_running_var),
+        norm=_batch_norm.NormConfig(config.momentum, config.epsilon, config.unbiased_running_var, config.axis_name),
         activation=config.branch_activation,
     )
     return forward(inputs, gate_weights, BranchParams(*promoted), mean, var)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jdynconv import _checks, _conv_spec, _lowerings
+from jdynconv import _batch_parallel, _checks, _conv_spec, _lowerings
 
 DataFormat = Literal["channels_last", "channels_first"]
 Method = Literal["auto", "vmap", "grouped", "scan", "im2col", "direct", "hybrid", "depthwise"]
@@ -122,17 +122,27 @@ def per_sample_conv(
         out_spatial = _conv_spec.output_spatial_shape(spatial, kernel_size, spec)
         out = jnp.zeros((0, *out_spatial, out_channels), preferred_element_type or inputs.dtype)
         out = jnp.moveaxis(out, -1, 1) if channels_first else out
-    elif channels_first and lowering in _lowerings.CHANNELS_FIRST_FORMS:
-        out = _lowerings.CHANNELS_FIRST_FORMS[lowering](inputs, kernels, spec)
-    elif channels_first:
-        out = lowering(jnp.moveaxis(inputs, 1, -1), jnp.moveaxis(kernels, (1, 2), (-1, -2)), spec)
-        out = jnp.moveaxis(out, -1, 1)
     else:
-        out = lowering(inputs, kernels, spec)
+        out = _batch_parallel.map_batch_shards(_in_layout(lowering, channels_first, spec), (inputs, kernels))
     if bias is not None:
         bias = _broadcastable_bias(bias, batch, out_channels, inputs.dtype, num_spatial).astype(out.dtype)
         out = out + (jnp.moveaxis(bias, -1, 1) if channels_first else bias)
     return out
+
+
+def _in_layout(lowering: _conv_spec.Lowering, channels_first: bool, spec: _conv_spec.ConvSpec) -> Any:
+    """``lowering`` as a function of ``(inputs, kernels)`` in the caller's layout: its channels-first form
+    where it has one, else transposes around it."""
+    if not channels_first:
+        return lambda inputs, kernels: lowering(inputs, kernels, spec)
+    if lowering in _lowerings.CHANNELS_FIRST_FORMS:
+        return lambda inputs, kernels: _lowerings.CHANNELS_FIRST_FORMS[lowering](inputs, kernels, spec)
+
+    def transposed(inputs: jax.Array, kernels: jax.Array) -> jax.Array:
+        out = lowering(jnp.moveaxis(inputs, 1, -1), jnp.moveaxis(kernels, (1, 2), (-1, -2)), spec)
+        return jnp.moveaxis(out, -1, 1)
+
+    return transposed
 
 
 def conv_spec(

@@ -68,6 +68,8 @@ class BranchMixConv(nn.Module):
       method: ``"fused"`` (one conv over the whole batch), ``"chunked"`` (the same over cache-sized
         chunks of the batch, recomputed in the backward pass) or ``"auto"`` (chunked on CPU, fused
         elsewhere); all compute the same function.
+      axis_name: as ``flax.linen.BatchNorm``'s: inside ``jax.shard_map``, the mesh axis (or axes) over which
+        the batch is split, so that the statistics are the whole batch's. Not needed under ``jax.jit``.
       dtype, param_dtype, precision, kernel_init, bias_init: as ``flax.linen.Conv``.
       gate_kernel_init, gate_bias_init, scale_init, offset_init: the gate Dense's and BatchNorm's.
     """
@@ -89,6 +91,7 @@ class BranchMixConv(nn.Module):
     branch_activation: Callable[[jax.Array], jax.Array] = _gates.leaky_relu
     remat: bool = False
     method: str = "auto"
+    axis_name: str | tuple[str, ...] | None = None
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: Any = None
@@ -192,6 +195,8 @@ class BranchMixConv(nn.Module):
             dtype=self.dtype,
             precision=self.precision,
             method=self.method,
+            # As flax.linen.BatchNorm: no collective while initialising, which runs outside the shard_map.
+            axis_name=None if self.is_initializing() else self.axis_name,
         )
 
 

@@ -51,6 +51,7 @@ class BranchMixConv(nnx.Module):
         branch_activation: Callable[[jax.Array], jax.Array] = _gates.leaky_relu,
         remat: bool = False,
         method: str = "auto",
+        axis_name: str | tuple[str, ...] | None = None,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         precision: Any = None,
@@ -108,6 +109,7 @@ class BranchMixConv(nnx.Module):
             dtype=dtype,
             precision=precision,
             method=method,
+            axis_name=axis_name,
         )
         k = num_branches
         gate_dim = in_features * math.prod(input_shape) if gate_input == "flatten" else in_features

@@ -1,0 +1,163 @@
+"""Run in a subprocess with 8 forced CPU devices (see tests/spmd/conftest.py): one SGD training step of every
+jdynconv layer with the batch split over the devices and the parameters replicated.
+
+For every case: the bytes produced by all-gather / all-to-all / collective-permute in the per-device program
+(``moved``); the element count of the largest array an all-reduce or reduce-scatter produces
+(``largest_reduced``) against the largest parameter or statistic (``largest_variable``); and the largest
+difference of the step's results (new parameters, batch statistics, loss) from the same step on one device,
+relative to each result's largest magnitude (``error``). Prints ``REPORT <json>``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from benchmarks._compiled import moved_bytes, reduced_arrays
+from jdynconv import linen as jl
+from jdynconv import nnx as jn
+from tests.spmd.programs_conv import relative_error
+
+BATCH, SIZE, CHANNELS = 40, 12, 8
+TX = optax.sgd(0.1)
+
+
+class HyperConv(nn.Module):
+    """PerSampleConv with kernels predicted from the pooled input (a hypernetwork)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernels = nn.Dense(3 * 3 * CHANNELS * CHANNELS)(jnp.mean(x, axis=(1, 2)))
+        return jl.PerSampleConv(CHANNELS, 3)(x, kernels.reshape(x.shape[0], 3, 3, CHANNELS, CHANNELS))
+
+
+LINEN: dict[str, nn.Module] = {
+    "PerSampleConv": HyperConv(),
+    "CondConv mix_kernels": jl.CondConv(CHANNELS, 3, 4, mixing="mix_kernels"),
+    "CondConv mix_outputs": jl.CondConv(CHANNELS, 3, 4, mixing="mix_outputs"),
+    "DynamicConv": jl.DynamicConv(CHANNELS, 3, 4),
+    "BranchMixConv fused": jl.BranchMixConv(CHANNELS, 3, 4, method="fused"),
+    "BranchMixConv chunked": jl.BranchMixConv(CHANNELS, 3, 4, method="chunked"),
+    "BranchMixConv remat": jl.BranchMixConv(CHANNELS, 3, 4, remat=True),
+}
+
+
+def linen_step(module: nn.Module, axis_name: str | None = None) -> Callable[..., Any]:
+    """``(params, batch_stats, opt_state, x) -> (params, batch_stats, opt_state, loss)``; with ``axis_name``
+    the step runs inside ``shard_map`` and averages the loss's gradients over it."""
+    mutable = ["batch_stats"] if isinstance(module, jl.BranchMixConv) else []
+    kwargs = {"use_running_average": False} if mutable else {}
+
+    def step(params: Any, stats: Any, opt_state: Any, x: jax.Array) -> Any:
+        def loss_fn(params: Any) -> Any:
+            y, updates = module.apply({"params": params, "batch_stats": stats}, x, mutable=mutable, **kwargs)
+            loss = jnp.mean(jnp.square(y - 0.5))
+            return (loss if axis_name is None else jax.lax.pmean(loss, axis_name)), updates.get("batch_stats", stats)
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = TX.update(grads, opt_state)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
+
+    return step
+
+
+def inputs() -> jax.Array:
+    return jax.random.normal(jax.random.key(0), (BATCH, SIZE, SIZE, CHANNELS))
+
+
+def linen_state(module: nn.Module) -> tuple[Any, Any, Any]:
+    kwargs = {"use_running_average": False} if isinstance(module, jl.BranchMixConv) else {}
+    variables = module.init(jax.random.key(1), inputs()[:2], **kwargs)
+    params, stats = variables["params"], variables.get("batch_stats", {})
+    return params, stats, TX.init(params)
+
+
+def case(step: Callable[..., Any], state: tuple[Any, ...], sharded_x: jax.Array, place: Callable[[Any], Any]) -> dict:
+    """The step with replicated ``state`` (placed by ``place``) and the sharded batch, against one device."""
+    compiled = jax.jit(step).lower(*place(state), sharded_x).compile()
+    variables = jax.tree.leaves(state[:2])
+    return {
+        "moved": moved_bytes(compiled),
+        "largest_reduced": max((c.largest for c in reduced_arrays(compiled)), default=0),
+        "largest_variable": max(v.size for v in variables),
+        "error": relative_error(compiled(*place(state), sharded_x), jax.jit(step)(*state, inputs())),
+    }
+
+
+def main() -> None:
+    devices = np.asarray(jax.devices())
+    assert devices.size == 8, devices
+    report: dict[str, Any] = {}
+    data = Mesh(devices, ("data",))
+    replicate = lambda tree: jax.device_put(tree, NamedSharding(data, PartitionSpec()))  # noqa: E731
+    x = jax.device_put(inputs(), NamedSharding(data, PartitionSpec("data")))
+    for name, module in LINEN.items():
+        report[f"linen {name}"] = case(linen_step(module), linen_state(module), x, replicate)
+
+    # NNX: the same maths behind the other wrapper.
+    for name, model in {
+        "CondConv": jn.CondConv(CHANNELS, CHANNELS, (3, 3), 4, rngs=nnx.Rngs(1)),
+        "BranchMixConv": jn.BranchMixConv(CHANNELS, CHANNELS, 3, 4, input_shape=(SIZE, SIZE), rngs=nnx.Rngs(1)),
+    }.items():
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def nnx_step(params: Any, rest: Any, x: jax.Array, graphdef: Any = graphdef) -> Any:
+            model = nnx.merge(graphdef, params, rest)
+            loss, grads = nnx.value_and_grad(lambda model: jnp.mean(jnp.square(model(x) - 0.5)))(model)
+            new_params = jax.tree.map(lambda p, g: p - 0.1 * g, nnx.state(model, nnx.Param), grads)
+            return new_params, nnx.state(model, nnx.BatchStat), loss
+
+        report[f"nnx {name}"] = case(nnx_step, (params, rest), x, replicate)
+
+    # A 2-D mesh: the batch over "data", replicated over "model".
+    data_model = Mesh(devices.reshape(4, 2), ("data", "model"))
+    x2 = jax.device_put(inputs(), NamedSharding(data_model, PartitionSpec("data")))
+    for name in ("CondConv mix_kernels", "BranchMixConv chunked"):
+        module = LINEN[name]
+        report[f"mesh (4, 2) {name}"] = case(
+            linen_step(module),
+            linen_state(module),
+            x2,
+            lambda tree: jax.device_put(tree, NamedSharding(data_model, PartitionSpec())),
+        )
+
+    # Explicit sharding mode.
+    explicit = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(explicit):
+        xe = jax.device_put(inputs(), PartitionSpec("data"))
+        for name in ("CondConv mix_kernels", "BranchMixConv chunked"):
+            module = LINEN[name]
+            report[f"explicit {name}"] = case(
+                linen_step(module), linen_state(module), xe, lambda tree: jax.device_put(tree, PartitionSpec())
+            )
+
+    # Inside the caller's shard_map: BatchNorm combines its statistics over `axis_name`.
+    for method in ("fused", "chunked"):
+        module = jl.BranchMixConv(CHANNELS, 3, 4, method=method, axis_name="data")
+        local = jax.shard_map(
+            linen_step(module, axis_name="data"),
+            mesh=data,
+            in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(), PartitionSpec("data")),
+            out_specs=PartitionSpec(),
+        )
+        state = linen_state(module)
+        compiled = jax.jit(local).lower(*replicate(state), x).compile()
+        reference = jax.jit(linen_step(jl.BranchMixConv(CHANNELS, 3, 4, method=method)))(*state, inputs())
+        report[f"shard_map BranchMixConv {method}"] = {
+            "moved": moved_bytes(compiled),
+            "error": relative_error(compiled(*replicate(state), x), reference),
+        }
+    print("REPORT", json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
