@@ -7,8 +7,10 @@ t(1 process) / t(2 processes) is 1. XLA:CPU runs single-threaded
 (``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``) so each process uses only its core.
 Workloads (B = 16 of 32x32x32 per process, 3x3): ``per_sample_conv`` value and gradients, a dense
 shared-kernel ``lax.conv_general_dilated`` (the control: it shows what the set-up allows), and SGD training
-steps of CondConv and BranchMixConv (4 experts / branches). The three processes start once; in every round
-each workload runs on one side then the other, in a shuffled order; medians over rounds.
+steps of CondConv and BranchMixConv (4 experts / branches). The processes start once; in every round
+each workload runs on one side then the other, in a shuffled order; medians over rounds. A third side, one
+process with two devices on the same two cores, has the same per-device programs with the collectives
+inside the process: the difference from the two-process time is what gloo's collectives cost.
 
 **Compiled programs.** For 1, 2, 4 and 8 (forced host) devices in one process, a global batch of 32: the bytes
 each device's program produces by all-gather / all-to-all / collective-permute, and its scratch memory.
@@ -39,6 +41,7 @@ from benchmarks._timing import environment_metadata, markdown_table, write_json
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKLOADS = ("per_sample_conv", "dense_conv", "CondConv", "BranchMixConv")
+SIDES = ("1 process", "2 processes", "2 devices in 1 process")
 ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 DEVICE_COUNTS = (1, 2, 4, 8)
 
@@ -66,12 +69,12 @@ def _env(devices: int, flags: str = "") -> dict[str, str]:
     return env
 
 
-def _worker(core: int, per_device_batch: int, distributed: list[str]) -> subprocess.Popen:
-    pin = ["taskset", "-c", str(core)] if shutil.which("taskset") else []
+def _worker(cores: str, per_device_batch: int, distributed: list[str], devices: int = 1) -> subprocess.Popen:
+    pin = ["taskset", "-c", cores] if shutil.which("taskset") else []
     command = [*pin, sys.executable, "-m", "benchmarks._scaling_worker", "--per-device-batch", str(per_device_batch)]
     return subprocess.Popen(
         command + distributed,
-        env=_env(1, ONE_THREAD),
+        env=_env(devices, ONE_THREAD),
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -94,40 +97,44 @@ def _time(processes: list[subprocess.Popen], workload: str, calls: int) -> float
 
 
 def weak_scaling(rounds: int, calls: int, per_device_batch: int, port: int) -> dict[str, Any]:
-    single = [_worker(0, per_device_batch, [])]
+    single = [_worker("0", per_device_batch, [])]
+    # The same two cores as one process with two devices: collectives within the process, not through gloo.
+    in_process = [_worker("0,1", per_device_batch, [], devices=2)]
     coordinator = f"localhost:{port}"
     distributed = ["--coordinator-address", coordinator, "--num-processes", "2", "--process-id"]
-    pair = [_worker(core, per_device_batch, [*distributed, str(core)]) for core in (0, 1)]
+    pair = [_worker(str(core), per_device_batch, [*distributed, str(core)]) for core in (0, 1)]
     try:
-        for process in single + pair:
+        for process in single + in_process + pair:
             _read(process, "READY")
-        times: dict[str, dict[str, list[float]]] = {w: {"1 process": [], "2 processes": []} for w in WORKLOADS}
+        times: dict[str, dict[str, list[float]]] = {w: {side: [] for side in SIDES} for w in WORKLOADS}
         order = random.Random(0)
         for _ in range(rounds):
             for workload in order.sample(WORKLOADS, len(WORKLOADS)):
-                sides = [("1 process", single), ("2 processes", pair)]
+                sides = list(zip(SIDES, (single, pair, in_process), strict=True))
                 order.shuffle(sides)
                 for side, processes in sides:
                     times[workload][side].append(_time(processes, workload, calls))
     finally:
-        for process in single + pair:
+        for process in single + in_process + pair:
             if process.poll() is None:
                 process.stdin.write("quit\n")
                 process.stdin.flush()
-        for process in single + pair:
+        for process in single + in_process + pair:
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
     result = {}
     for workload, sides in times.items():
-        one, two = (np.asarray(sides[s]) for s in ("1 process", "2 processes"))
+        one, two, local = (np.asarray(sides[s]) for s in SIDES)
         per_round = one / two
         result[workload] = {
             "1 process ms": float(np.median(one)) * 1e3,
             "2 processes ms": float(np.median(two)) * 1e3,
             "efficiency": float(np.median(one) / np.median(two)),
             "efficiency per round p25-p75": [float(v) for v in np.percentile(per_round, [25, 75])],
+            "2 devices in 1 process ms": float(np.median(local)) * 1e3,
+            "efficiency in 1 process": float(np.median(one) / np.median(local)),
             "samples_ms": {s: [t * 1e3 for t in sides[s]] for s in sides},
         }
     return result
@@ -156,6 +163,8 @@ def write_report(payload: dict[str, Any], stem: Path) -> None:
             f"{weak[w]['2 processes ms']:.1f} ms",
             f"**{weak[w]['efficiency']:.2f}**",
             "-".join(f"{v:.2f}" for v in weak[w]["efficiency per round p25-p75"]),
+            f"{weak[w]['2 devices in 1 process ms']:.1f} ms",
+            f"{weak[w]['efficiency in 1 process']:.2f}",
         ]
         for w in WORKLOADS
     ]
@@ -166,9 +175,21 @@ def write_report(payload: dict[str, Any], stem: Path) -> None:
         f"{payload['environment'].get('date', '?')}. Made by `python benchmarks/scaling.py`.",
         "",
         f"Weak scaling: 1 process on 1 core with {payload['per_device_batch']} samples against 2 processes on a core "
-        f"each with {2 * payload['per_device_batch']} (gloo), {payload['rounds']} interleaved rounds, medians.",
+        f"each with {2 * payload['per_device_batch']} (gloo), and against one process with 2 devices on both cores "
+        f"(collectives within the process); {payload['rounds']} interleaved rounds, medians.",
         "",
-        markdown_table(["workload", "1 process", "2 processes", "efficiency", "per-round p25-p75"], rows),
+        markdown_table(
+            [
+                "workload",
+                "1 process",
+                "2 processes",
+                "efficiency",
+                "per-round p25-p75",
+                "2 devices, 1 process",
+                "efficiency",
+            ],
+            rows,
+        ),
         "",
         "Compiled per-device programs, global batch 32: bytes all-gathered / all-to-all'd / permuted, scratch MB.",
         "",
@@ -199,10 +220,14 @@ def _plot(payload: dict[str, Any], path: Path) -> None:
 
     weak, compiled = payload["weak_scaling"], payload["compiled"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.bar(WORKLOADS, [weak[w]["efficiency"] for w in WORKLOADS], color="tab:blue")
+    positions = np.arange(len(WORKLOADS))
+    left.bar(positions - 0.2, [weak[w]["efficiency"] for w in WORKLOADS], 0.4, label="2 processes (gloo)")
+    in_process = [weak[w]["efficiency in 1 process"] for w in WORKLOADS]
+    left.bar(positions + 0.2, in_process, 0.4, label="2 devices, 1 process")
+    left.set_xticks(positions, WORKLOADS)
     left.axhline(1.0, color="grey", linestyle=":")
     left.axhline(0.85, color="tab:red", linestyle="--", label="target 0.85")
-    left.set_ylabel("weak-scaling efficiency, 2 processes")
+    left.set_ylabel("weak-scaling efficiency, 2 cores")
     left.set_ylim(0, 1.15)
     left.legend()
     left.tick_params(axis="x", labelrotation=15)

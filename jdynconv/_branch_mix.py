@@ -260,7 +260,8 @@ def branch_mix_rematerialised(
 
     out_spatial = _conv_spec.output_spatial_shape(inputs.shape[1:-1], params.kernel.shape[1:-2], spec)
     out_dtype = spec.preferred_element_type or inputs.dtype
-    total = jnp.zeros((inputs.shape[0], *out_spatial, params.scale.shape[1]), out_dtype)
+    # zeros_like: inside a shard_map the carry then varies over the same mesh axes as the inputs.
+    total = jnp.zeros_like(inputs, shape=(inputs.shape[0], *out_spatial, params.scale.shape[1]), dtype=out_dtype)
     branches = (*params, mean, var, gate_weights.T)
     return lax.scan(add_branch, total, branches)
 

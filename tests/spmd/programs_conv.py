@@ -87,14 +87,12 @@ def case(
     fn: Callable[..., Any],
     sharded: tuple[jax.Array, ...],
     single: tuple[jax.Array, ...],
-    reference: Callable[..., Any] | None = None,
+    expected: Any = None,
 ) -> dict[str, Any]:
-    """``fn`` on the sharded arrays against ``reference`` (default ``fn``) on one device."""
+    """``fn`` on the sharded arrays against ``expected`` (default: ``fn`` on one device)."""
     compiled = jax.jit(fn).lower(*sharded).compile()
-    return {
-        "moved": moved_bytes(compiled),
-        "error": relative_error(compiled(*sharded), jax.jit(reference or fn)(*single)),
-    }
+    expected = jax.jit(fn)(*single) if expected is None else expected
+    return {"moved": moved_bytes(compiled), "error": relative_error(compiled(*sharded), expected)}
 
 
 def main() -> None:
@@ -134,15 +132,16 @@ def main() -> None:
         jax.vmap(value_and_grads(f)), split(data, PartitionSpec(None, "data"), *stacked), stacked
     )
 
-    # A 2-D mesh, the batch over "data" and replicated over "model".
+    # A 2-D mesh, the batch over "data" and replicated over "model"; the same 1-device values as below.
+    expected = jax.jit(value_and_grads(f))(*single)
     report["mesh (4, 2), batch over data"] = case(
-        value_and_grads(f), split(data_model, PartitionSpec("data"), *single), single
+        value_and_grads(f), split(data_model, PartitionSpec("data"), *single), single, expected
     )
     # Explicit sharding mode.
     explicit = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
     with jax.set_mesh(explicit):
         on_mesh = tuple(jax.device_put(a, PartitionSpec("data")) for a in single)
-        report["explicit mode"] = case(value_and_grads(f), on_mesh, single)
+        report["explicit mode"] = case(value_and_grads(f), on_mesh, single, expected)
 
     # Inside the caller's shard_map: local shapes.
     def local_step(x: jax.Array, w: jax.Array, b: jax.Array) -> Any:
@@ -152,7 +151,7 @@ def main() -> None:
     mapped = jax.shard_map(
         local_step, mesh=data, in_specs=PartitionSpec("data"), out_specs=(PartitionSpec(), PartitionSpec("data"))
     )
-    report["inside shard_map"] = case(mapped, sharded, single, reference=value_and_grads(f))
+    report["inside shard_map"] = case(mapped, sharded, single, expected)
 
     # Memory: per-device scratch of the 8-device program against the 1-device one, at 8 x 16 samples.
     single = arrays("2d", batch=128)

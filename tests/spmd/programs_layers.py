@@ -81,15 +81,23 @@ def linen_state(module: nn.Module) -> tuple[Any, Any, Any]:
     return params, stats, TX.init(params)
 
 
-def case(step: Callable[..., Any], state: tuple[Any, ...], sharded_x: jax.Array, place: Callable[[Any], Any]) -> dict:
-    """The step with replicated ``state`` (placed by ``place``) and the sharded batch, against one device."""
+def case(
+    step: Callable[..., Any],
+    state: tuple[Any, ...],
+    sharded_x: jax.Array,
+    place: Callable[[Any], Any],
+    expected: Any = None,
+) -> dict:
+    """The step with replicated ``state`` (placed by ``place``) and the sharded batch, against ``expected``
+    (default: the step on one device)."""
     compiled = jax.jit(step).lower(*place(state), sharded_x).compile()
     variables = jax.tree.leaves(state[:2])
+    expected = jax.jit(step)(*state, inputs()) if expected is None else expected
     return {
         "moved": moved_bytes(compiled),
         "largest_reduced": max((c.largest for c in reduced_arrays(compiled)), default=0),
         "largest_variable": max(v.size for v in variables),
-        "error": relative_error(compiled(*place(state), sharded_x), jax.jit(step)(*state, inputs())),
+        "error": relative_error(compiled(*place(state), sharded_x), expected),
     }
 
 
@@ -100,8 +108,10 @@ def main() -> None:
     data = Mesh(devices, ("data",))
     replicate = lambda tree: jax.device_put(tree, NamedSharding(data, PartitionSpec()))  # noqa: E731
     x = jax.device_put(inputs(), NamedSharding(data, PartitionSpec("data")))
+    one_device = {}  # each linen layer's step on one device, the reference of every sharding mode below
     for name, module in LINEN.items():
-        report[f"linen {name}"] = case(linen_step(module), linen_state(module), x, replicate)
+        one_device[name] = jax.jit(linen_step(module))(*linen_state(module), inputs())
+        report[f"linen {name}"] = case(linen_step(module), linen_state(module), x, replicate, one_device[name])
 
     # NNX: the same maths behind the other wrapper.
     for name, model in {
@@ -128,6 +138,7 @@ def main() -> None:
             linen_state(module),
             x2,
             lambda tree: jax.device_put(tree, NamedSharding(data_model, PartitionSpec())),
+            one_device[name],
         )
 
     # Explicit sharding mode.
@@ -137,12 +148,20 @@ def main() -> None:
         for name in ("CondConv mix_kernels", "BranchMixConv chunked"):
             module = LINEN[name]
             report[f"explicit {name}"] = case(
-                linen_step(module), linen_state(module), xe, lambda tree: jax.device_put(tree, PartitionSpec())
+                linen_step(module),
+                linen_state(module),
+                xe,
+                lambda tree: jax.device_put(tree, PartitionSpec()),
+                one_device[name],
             )
 
     # Inside the caller's shard_map: BatchNorm combines its statistics over `axis_name`.
-    for method in ("fused", "chunked"):
-        module = jl.BranchMixConv(CHANNELS, 3, 4, method=method, axis_name="data")
+    for method, lowering in (
+        ("fused", {"method": "fused"}),
+        ("chunked", {"method": "chunked"}),
+        ("remat", {"remat": True}),
+    ):
+        module = jl.BranchMixConv(CHANNELS, 3, 4, axis_name="data", **lowering)
         local = jax.shard_map(
             linen_step(module, axis_name="data"),
             mesh=data,
@@ -151,10 +170,9 @@ def main() -> None:
         )
         state = linen_state(module)
         compiled = jax.jit(local).lower(*replicate(state), x).compile()
-        reference = jax.jit(linen_step(jl.BranchMixConv(CHANNELS, 3, 4, method=method)))(*state, inputs())
         report[f"shard_map BranchMixConv {method}"] = {
             "moved": moved_bytes(compiled),
-            "error": relative_error(compiled(*replicate(state), x), reference),
+            "error": relative_error(compiled(*replicate(state), x), one_device[f"BranchMixConv {method}"]),
         }
     print("REPORT", json.dumps(report))
 

@@ -131,7 +131,11 @@ def test_four_device_run_splits_the_batch_and_equals_one_device(tmp_path: Path) 
     assert [row[0] for row in multi_host["history"]["train"]] == [row[0] for row in expected["train"]] == [4]
     for got, want in zip(multi_host["history"]["train"], expected["train"], strict=True):
         assert abs(got[1] - want[1]) <= 1e-5 * abs(want[1]), (got, want)  # mean training loss
-    assert multi_host["history"]["eval"] == pytest.approx(expected["eval"], abs=2 / 512)
+    for (got_step, got_accuracy), (want_step, want_accuracy) in zip(
+        multi_host["history"]["eval"], expected["eval"], strict=True
+    ):
+        assert got_step == want_step
+        assert abs(got_accuracy - want_accuracy) <= 2 / 512  # at most a borderline image or two may flip
     assert report["devices"] == 4
     assert report["batch_shard_rows"] == [4, 4, 4, 4]
     assert report["eval_chunk"] == [[256, 32, 32, 1], [64, 64, 64, 64]]
