@@ -27,7 +27,7 @@ from jdynconv import linen as jl
 from jdynconv import nnx as jn
 from tests.spmd.programs_conv import relative_error
 
-BATCH, SIZE, CHANNELS = 40, 12, 8
+BATCH, SIZE, CHANNELS = 16, 12, 8
 TX = optax.sgd(0.1)
 
 
