@@ -128,32 +128,25 @@ def main() -> None:
 
         report[f"nnx {name}"] = case(nnx_step, (params, rest), x, replicate)
 
-    # A 2-D mesh: the batch over "data", replicated over "model".
-    data_model = Mesh(devices.reshape(4, 2), ("data", "model"))
-    x2 = jax.device_put(inputs(), NamedSharding(data_model, PartitionSpec("data")))
-    for name in ("CondConv mix_kernels", "BranchMixConv chunked"):
-        module = LINEN[name]
-        report[f"mesh (4, 2) {name}"] = case(
-            linen_step(module),
-            linen_state(module),
-            x2,
-            lambda tree: jax.device_put(tree, NamedSharding(data_model, PartitionSpec())),
-            one_device[name],
-        )
-
-    # Explicit sharding mode.
-    explicit = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
-    with jax.set_mesh(explicit):
-        xe = jax.device_put(inputs(), PartitionSpec("data"))
+    def two_layers(mode: str, x: jax.Array, place: Callable[[Any], Any]) -> None:
         for name in ("CondConv mix_kernels", "BranchMixConv chunked"):
             module = LINEN[name]
-            report[f"explicit {name}"] = case(
-                linen_step(module),
-                linen_state(module),
-                xe,
-                lambda tree: jax.device_put(tree, PartitionSpec()),
-                one_device[name],
-            )
+            report[f"{mode} {name}"] = case(linen_step(module), linen_state(module), x, place, one_device[name])
+
+    # A 2-D mesh: the batch over "data", replicated over "model".
+    data_model = Mesh(devices.reshape(4, 2), ("data", "model"))
+    two_layers(
+        "mesh (4, 2)",
+        jax.device_put(inputs(), NamedSharding(data_model, PartitionSpec("data"))),
+        lambda tree: jax.device_put(tree, NamedSharding(data_model, PartitionSpec())),
+    )
+    # Explicit sharding mode.
+    with jax.set_mesh(jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))):
+        two_layers(
+            "explicit",
+            jax.device_put(inputs(), PartitionSpec("data")),
+            lambda tree: jax.device_put(tree, PartitionSpec()),
+        )
 
     # Inside the caller's shard_map: BatchNorm combines its statistics over `axis_name`.
     for method, lowering in (
