@@ -13,13 +13,23 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from jdynconv._kernel_mix import temperature_schedule as temperature_schedule
+from jdynconv._modulated import modulated_conv as modulated_conv
+from jdynconv._transpose import per_sample_conv_transpose as per_sample_conv_transpose
 from jdynconv.functional import mix_kernels as mix_kernels
 from jdynconv.functional import mix_outputs as mix_outputs
 from jdynconv.functional import per_sample_conv as per_sample_conv
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "mix_kernels", "mix_outputs", "per_sample_conv", "temperature_schedule"]
+__all__ = [
+    "__version__",
+    "mix_kernels",
+    "mix_outputs",
+    "modulated_conv",
+    "per_sample_conv",
+    "per_sample_conv_transpose",
+    "temperature_schedule",
+]
 
 _SUBMODULES = ("interop", "linen", "nnx")
 

@@ -125,7 +125,7 @@ def per_sample_conv(
     else:
         out = _batch_parallel.map_batch_shards(_in_layout(lowering, channels_first, spec), (inputs, kernels))
     if bias is not None:
-        bias = _broadcastable_bias(bias, batch, out_channels, inputs.dtype, num_spatial).astype(out.dtype)
+        bias = broadcastable_bias(bias, batch, out_channels, inputs.dtype, num_spatial).astype(out.dtype)
         out = out + (jnp.moveaxis(bias, -1, 1) if channels_first else bias)
     return out
 
@@ -229,7 +229,7 @@ def _check_preferred_element_type(preferred_element_type: Any, dtype: Any) -> No
         )
 
 
-def _broadcastable_bias(bias: ArrayLike, batch: int, out_channels: int, dtype: Any, num_spatial: int) -> jax.Array:
+def broadcastable_bias(bias: ArrayLike, batch: int, out_channels: int, dtype: Any, num_spatial: int) -> jax.Array:
     """``(B, C_out)`` or ``(C_out,)`` bias reshaped to add to a channels-last output explicitly."""
     bias = jnp.asarray(bias)
     _checks.check_float_dtype("bias", bias)

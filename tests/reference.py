@@ -161,3 +161,106 @@ def branch_mix(
         y = (y - mu) / np.sqrt(sigma2 + epsilon) * params["scale"][n] + params["offset"][n]
         out = out + weights[:, n].reshape((batch,) + (1,) * (y.ndim - 1)) * leaky_relu(y)
     return out, np.stack(batch_means), np.stack(batch_vars)
+
+
+def conv_transpose(
+    x: np.ndarray,
+    w: np.ndarray,
+    bias: np.ndarray | None,
+    strides: Sequence[int],
+    padding: Sequence[int],
+    output_padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> np.ndarray:
+    """PyTorch's ``conv_transposeNd`` per sample, as a scatter: input position ``i`` adds ``x[i] * w[tap]`` at
+    ``i * stride + tap * dilation - padding``. ``w`` is ``(B, *kernel_size, C_out // G, C_in)``."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    batch, *spatial, in_channels = x.shape
+    *kernel_size, group_out, _ = w.shape[1:]
+    group_in = in_channels // groups
+    out_shape = [
+        (n - 1) * s - 2 * p + d * (k - 1) + op + 1
+        for n, s, p, d, k, op in zip(spatial, strides, padding, dilation, kernel_size, output_padding, strict=True)
+    ]
+    out = np.zeros((batch, *out_shape, groups * group_out))
+    for b in range(batch):
+        for position in np.ndindex(*spatial):
+            for tap in np.ndindex(*kernel_size):
+                target = [
+                    i * s + t * d - p for i, t, s, d, p in zip(position, tap, strides, dilation, padding, strict=True)
+                ]
+                if any(not 0 <= j < n for j, n in zip(target, out_shape, strict=True)):
+                    continue
+                for g in range(groups):
+                    xs = x[(b, *position, slice(g * group_in, (g + 1) * group_in))]
+                    ws = w[(b, *tap, slice(None), slice(g * group_in, (g + 1) * group_in))]
+                    out[(b, *target, slice(g * group_out, (g + 1) * group_out))] += ws @ xs
+    if bias is not None:
+        bias = np.asarray(bias, np.float64)
+        out += bias.reshape((batch if bias.ndim == 2 else 1,) + (1,) * len(out_shape) + (-1,))
+    return out
+
+
+def upfirdn(
+    x: np.ndarray, taps: np.ndarray, up: int, down: int, pads: Sequence[tuple[int, int]], gain: float = 1.0
+) -> np.ndarray:
+    """NVIDIA's ``upfirdn2d`` semantics in N-d, channels-last: insert ``up - 1`` zeros after every sample, pad
+    (negative crops), convolve with the N-d filter (flipped: a true convolution), keep every ``down``-th."""
+    x = np.asarray(x, np.float64)
+    num_spatial = x.ndim - 2
+    f = np.asarray(taps, np.float64)
+    if f.ndim == 1:
+        f = np.einsum(",".join("abc"[:num_spatial]) + "->" + "abc"[:num_spatial], *([f] * num_spatial))
+    f = f * gain
+    upsampled = np.zeros((x.shape[0], *(n * up for n in x.shape[1:-1]), x.shape[-1]))
+    upsampled[(slice(None), *(slice(None, None, up) for _ in range(num_spatial)), slice(None))] = x
+    padded = np.pad(upsampled, [(0, 0), *((max(lo, 0), max(hi, 0)) for lo, hi in pads), (0, 0)])
+    crop = tuple(slice(max(-lo, 0), padded.shape[1 + i] - max(-hi, 0)) for i, (lo, hi) in enumerate(pads))
+    padded = padded[(slice(None), *crop, slice(None))]
+    flipped = f[(slice(None, None, -1),) * num_spatial]
+    out_shape = [n - k + 1 for n, k in zip(padded.shape[1:-1], f.shape, strict=True)]
+    out = np.zeros((x.shape[0], *out_shape, x.shape[-1]))
+    for tap in np.ndindex(*f.shape):
+        window = tuple(slice(t, t + n) for t, n in zip(tap, out_shape, strict=True))
+        out += flipped[tap] * padded[(slice(None), *window, slice(None))]
+    return out[(slice(None), *(slice(None, None, down) for _ in range(num_spatial)), slice(None))]
+
+
+def modulated_conv(
+    x: np.ndarray,
+    kernel: np.ndarray,
+    styles: np.ndarray,
+    *,
+    demodulate: bool,
+    up: int,
+    down: int,
+    padding: int,
+    taps: np.ndarray,
+    flip_weight: bool,
+    epsilon: float = 1e-8,
+) -> np.ndarray:
+    """StyleGAN2's modulated convolution by its definition (NVIDIA's generic ``conv2d_resample`` path), N-d,
+    channels-last: per-sample weights ``kernel * styles`` (demodulated), then zero-insertion and FIR filter
+    (gain ``up ** N``) with the padding, a valid conv (the kernel flipped unless ``flip_weight``), then the
+    FIR filter and every ``down``-th sample. ``kernel`` is ``(*kernel_size, C_in, C_out)``."""
+    kernel = np.asarray(kernel, np.float64)
+    styles = np.asarray(styles, np.float64)
+    num_spatial = x.ndim - 2
+    weights = kernel[None] * styles.reshape(styles.shape[0], *(1,) * num_spatial, -1, 1)
+    if demodulate:
+        norms = np.sum(weights**2, axis=tuple(range(1, num_spatial + 2)), keepdims=True)
+        weights = weights / np.sqrt(norms + epsilon)
+    if not flip_weight:
+        weights = weights[(slice(None), *(slice(None, None, -1),) * num_spatial)]
+    f_size = len(taps) if np.ndim(taps) == 1 else np.shape(taps)[0]
+    low = high = padding
+    if up > 1:
+        low, high = low + (f_size + up - 1) // 2, high + (f_size - up) // 2
+    if down > 1:
+        low, high = low + (f_size - down + 1) // 2, high + (f_size - down) // 2
+    identity = np.ones((1,) * num_spatial)
+    resampled = upfirdn(x, taps if up > 1 else identity, up, 1, [(low, high)] * num_spatial, gain=up**num_spatial)
+    out = conv(resampled, weights, None, Geometry.simple(num_spatial))
+    return upfirdn(out, taps, 1, down, [(0, 0)] * num_spatial) if down > 1 else out
