@@ -407,7 +407,8 @@ def affine_styles(latents: jax.Array, kernel: jax.Array, bias: jax.Array, lr_mul
     if latents.ndim != 2 or latents.shape[1] != kernel.shape[0]:
         raise ValueError(f"`latents` must have shape (batch, {kernel.shape[0]}), got {tuple(latents.shape)}.")
     weight = kernel * (lr_multiplier / math.sqrt(kernel.shape[0]))
-    return jnp.matmul(latents.astype(kernel.dtype), weight, precision=lax.Precision.HIGHEST) + bias * lr_multiplier
+    styles = jnp.matmul(latents.astype(kernel.dtype), weight, precision=lax.Precision.HIGHEST)
+    return styles + (bias * lr_multiplier)[None]
 
 
 def layer(
@@ -443,7 +444,8 @@ def layer(
         channels_first = config.data_format == "channels_first"
         out = out + _checked_noise(added, tuple(out.shape), channels_first).astype(out.dtype)
     if bias is not None:
-        shape = (1, -1) + (1,) * (out.ndim - 2) if config.data_format == "channels_first" else (-1,)
+        spatial_ones = (1,) * (out.ndim - 2)
+        shape = (1, -1, *spatial_ones) if config.data_format == "channels_first" else (1, *spatial_ones, -1)
         out = out + bias.astype(out.dtype).reshape(shape)
     if config.activation == "lrelu":
         # x > 0, not >= 0: the gradient at 0 is the slope, as PyTorch's leaky_relu.
@@ -495,3 +497,21 @@ def noise_source(
         return values.astype(strength.dtype) * strength
 
     return draw
+
+
+def no_noise(noise: ArrayLike | None) -> Callable[[tuple[int, ...]], None]:
+    """The noise of a layer without ``use_noise``: none, and an error if some was passed."""
+    if noise is not None:
+        raise ValueError("`noise` was passed to a ModulatedConv without `use_noise`.")
+    return lambda out_shape: None
+
+
+def check_layer_inputs(config: LayerConfig, inputs: jax.Array, in_features: int | None) -> None:
+    """``inputs`` of the layer's rank (from ``kernel_size``) and, when known, ``in_features`` channels."""
+    channels_first = config.data_format == "channels_first"
+    layout = "(B, C_in, *spatial)" if channels_first else "(B, *spatial, C_in)"
+    num_spatial = len(config.kernel_size)
+    _checks.check_rank("inputs", inputs.shape, num_spatial + 2, f"{layout} for a {num_spatial}-D kernel_size")
+    channels = inputs.shape[1 if channels_first else -1]
+    if in_features is not None and channels != in_features:
+        raise ValueError(f"`inputs` must have {in_features} channels, got shape {tuple(inputs.shape)} ({layout}).")

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdynconv import _branch_mix, _checks, _gates, _kernel_mix
+from jdynconv import _branch_mix, _checks, _gates, _kernel_mix, _modulated, _odconv
 
 Initializer = Callable[..., jax.Array]
 Dtype = Any
@@ -19,6 +19,9 @@ Dtype = Any
 default_kernel_init: Initializer = nn.initializers.lecun_normal()
 zeros: Initializer = nn.initializers.zeros_init()
 ones: Initializer = nn.initializers.ones_init()
+# NVIDIA StyleGAN2's kernels and affine weights: standard normal (demodulation, or the affine's 1 / sqrt(fan_in)
+# gain at run time, sets the scale).
+standard_normal: Initializer = nn.initializers.normal(1.0)
 
 
 def branch_bank_init(init: Initializer) -> Initializer:
@@ -384,3 +387,305 @@ def _expert_bank(module: CondConv | DynamicConv, inputs: jax.Array) -> tuple[jax
         else None
     )
     return inputs, bank, bias_bank
+
+
+# ODConv's initialisation (OSVAI/ODConv modules/odconv.py): ``kaiming_normal_(mode="fan_out",
+# nonlinearity="relu")`` for every expert kernel and the attention's 1x1 convs, i.e. N(0, 2 / fan_out),
+# untruncated; fan_out = C_out * prod(K) in both layouts.
+kaiming_normal_fan_out: Initializer = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class ODConv(nn.Module):
+    """ODConv (Li et al., ICLR 2022): kernels scaled per sample along taps, input and output channels and experts.
+
+    The maths (``jdynconv._odconv``, after OSVAI/ODConv ``modules/odconv.py``)::
+
+        h = relu(BatchNorm(mean over space of x @ attention_kernel))        (B, A)
+        channel, filter, spatial = sigmoid(Dense_c, Dense_f, Dense_s of h / temperature)
+        expert = softmax(Dense_e(h) / temperature)
+        out[b] = filter[b] * conv(channel[b] * x[b], spatial[b] * sum_n expert[b, n] * kernel[n]) (+ bias)
+
+    with ``A = max(int(C_in * reduction), min_channels)``. Skipped as in the original (no head, attention 1):
+    ``filter`` for a depthwise conv (``C_in == feature_group_count == features``), ``spatial`` for a one-tap
+    kernel, ``expert`` for ``num_experts == 1``. N-d (1-D/2-D/3-D) from the input's rank. The temperature is
+    a call argument that may be traced (anneal it with :func:`jdynconv.temperature_schedule`, e.g. 30 -> 1 as
+    the original's training script), or the ``temperature`` attribute when not given.
+
+    Variables: ``params``: ``kernel (k, *kernel_size, C_in // G, features)``, ``bias (features,)`` (if
+    ``use_bias``; the original has none), ``attention_kernel (C_in, A)``, ``scale``, ``offset`` ``(A,)``
+    (the attention's BatchNorm), ``channel_kernel (A, C_in)``, ``channel_bias (C_in,)``, ``filter_kernel
+    (A, features)``, ``filter_bias (features,)``, ``spatial_kernel (A, prod(kernel_size))``, ``spatial_bias
+    (prod(kernel_size),)``, ``expert_kernel (A, k)``, ``expert_bias (k,)``; ``batch_stats``: ``mean``,
+    ``var`` ``(A,)``.
+
+    Attributes:
+      features, kernel_size, strides, padding, kernel_dilation, feature_group_count, use_bias, dtype,
+        param_dtype, precision: as ``flax.linen.Conv``.
+      num_experts: k >= 1 expert kernels (the original's ``kernel_num``, default 4).
+      reduction, min_channels: the attention's width ``max(int(C_in * reduction), min_channels)``
+        (the original's defaults 0.0625 and 16).
+      temperature: the default of the call's ``temperature``; positive.
+      momentum, epsilon, use_running_average, unbiased_running_var, axis_name: the attention's BatchNorm, as
+        :class:`BranchMixConv`'s (PyTorch's momentum 0.1 is ``momentum=0.9``; ``unbiased_running_var=True``
+        stores PyTorch's running variance).
+      attention_placement: ``"auto"``, ``"kernel"`` or ``"activations"``: where the channel and filter
+        attentions are applied (same result; see ``jdynconv._odconv``).
+      method: the per-sample conv's lowering, as :func:`jdynconv.per_sample_conv`'s.
+      kernel_init: each expert's kernel (default: the original's kaiming normal, fan out).
+      bias_init, attention_kernel_init, attention_bias_init, scale_init, offset_init: the bias's, the
+        attention Dense layers' and its BatchNorm's (defaults: the original's).
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    num_experts: int = 4
+    reduction: float = 0.0625
+    min_channels: int = 16
+    temperature: float = 1.0
+    strides: _checks.IntOrSequence = 1
+    padding: _checks.PaddingLike = "SAME"
+    kernel_dilation: _checks.IntOrSequence = 1
+    feature_group_count: int = 1
+    use_bias: bool = False
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    use_running_average: bool | None = None
+    unbiased_running_var: bool = False
+    attention_placement: str = "auto"
+    method: str = "auto"
+    axis_name: str | tuple[str, ...] | None = None
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+    kernel_init: Initializer = kaiming_normal_fan_out
+    bias_init: Initializer = zeros
+    attention_kernel_init: Initializer = kaiming_normal_fan_out
+    attention_bias_init: Initializer = zeros
+    scale_init: Initializer = ones
+    offset_init: Initializer = zeros
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs: jax.Array,
+        temperature: float | jax.Array | None = None,
+        *,
+        use_running_average: bool | None = None,
+    ) -> jax.Array:
+        """Applies the layer.
+
+        Args:
+          inputs: ``(B, *spatial, C_in)``, 1 to 3 spatial dims.
+          temperature: positive; divides every attention logit. None: the ``temperature`` attribute. A traced
+            value is the caller's to keep positive (checked when concrete).
+          use_running_average: the attention's BatchNorm mode, if not set as an attribute.
+
+        Returns:
+          ``(B, *out_spatial, features)``.
+        """
+        _odconv.check_config(
+            self.features,
+            self.num_experts,
+            self.feature_group_count,
+            self.reduction,
+            self.min_channels,
+            self.temperature,
+            self.attention_placement,
+            self.method,
+        )
+        inputs = jnp.asarray(inputs)
+        _checks.check_layer_inputs(inputs, None, self.feature_group_count)
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        kernel_size = _checks.canonicalize_ints(self.kernel_size, inputs.ndim - 2, "kernel_size")
+        in_channels = inputs.shape[-1]
+        width = _odconv.attention_width(in_channels, self.reduction, self.min_channels)
+        inits = {
+            "kernel": branch_bank_init(self.kernel_init),
+            "bias": self.bias_init,
+            "attention_kernel": self.attention_kernel_init,
+            "attention_bias": self.attention_bias_init,
+            "scale": self.scale_init,
+            "offset": self.offset_init,
+        }
+        shapes = _odconv.parameter_shapes(
+            in_channels, self.features, kernel_size, self.num_experts, self.feature_group_count, width, self.use_bias
+        )
+        params = {
+            name: self.param(name, inits[role], shape, self.param_dtype) for name, (shape, role) in shapes.items()
+        }
+        mean = self.variable("batch_stats", "mean", jnp.zeros, (width,), jnp.float32)
+        var = self.variable("batch_stats", "var", jnp.ones, (width,), jnp.float32)
+        out, (new_mean, new_var) = _odconv.od_conv(
+            self._config(kernel_size),
+            inputs,
+            self.temperature if temperature is None else temperature,
+            _odconv.ODConvParams.of(params),
+            mean.value,
+            var.value,
+            training=not use_running_average,
+        )
+        if not use_running_average and not self.is_initializing():
+            mean.value, var.value = new_mean, new_var
+        return out
+
+    def _config(self, kernel_size: tuple[int, ...]) -> _odconv.ODConvConfig:
+        return _odconv.ODConvConfig(
+            features=self.features,
+            kernel_size=kernel_size,
+            num_experts=self.num_experts,
+            reduction=self.reduction,
+            min_channels=self.min_channels,
+            temperature=self.temperature,
+            strides=self.strides,
+            padding=self.padding,
+            kernel_dilation=self.kernel_dilation,
+            feature_group_count=self.feature_group_count,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            unbiased_running_var=self.unbiased_running_var,
+            attention_placement=self.attention_placement,
+            method=self.method,
+            dtype=self.dtype,
+            precision=self.precision,
+            # As flax.linen.BatchNorm: no collective while initialising, which runs outside the shard_map.
+            axis_name=None if self.is_initializing() else self.axis_name,
+        )
+
+
+class ModulatedConv(nn.Module):
+    """StyleGAN2's modulated convolution layer (NVIDIA's ``SynthesisLayer``; ``ToRGBLayer`` with
+    ``demodulate=False``, ``style_gain=1 / sqrt(C_in * prod(kernel_size))``, ``padding=0``, no noise, linear).
+
+    ``styles = affine(latents)`` (NVIDIA's ``FullyConnectedLayer``, bias initialised to 1) unless ``affine``
+    is False (then the call's second argument is the styles); ``out = act(modulated_conv(x, kernel,
+    styles * style_gain) + noise * noise_strength + bias) * activation_gain * gain``, clamped at
+    ``clamp * gain``. N-d (1-D/2-D/3-D) from the input's rank. See :func:`jdynconv.modulated_conv`.
+
+    Variables: ``params``: ``kernel`` ``(*kernel_size, C_in, features)`` (``(features, C_in, *kernel_size)``
+    for ``"channels_first"``), ``bias (features,)``, ``affine_kernel (latent_dim, C_in)``,
+    ``affine_bias (C_in,)``, ``noise_strength ()``; ``constants``: ``noise_const`` (``noise_shape``) for
+    ``noise_mode="const"``.
+
+    Attributes:
+      features: C_out. kernel_size: int or one int per spatial dim.
+      up, down, demodulate, resample_filter, flip_weight, fused, data_format, precision, method: as
+        :func:`jdynconv.modulated_conv`; ``padding`` None is ``kernel_size // 2`` and ``flip_weight`` None
+        is ``up == 1`` (NVIDIA's).
+      affine: styles from a Dense of the latents (True) or passed in (False).
+      style_gain: multiplies the styles (ToRGB's weight gain).
+      use_noise: add ``noise_strength`` (initialised to 0) times noise; noise_shape: the output's spatial
+        shape, needed for ``noise_mode="const"``.
+      use_bias, activation (``"lrelu"``, slope 0.2, or ``"linear"``), activation_gain (None: sqrt(2) for
+        lrelu, 1 for linear), clamp (NVIDIA's ``conv_clamp``).
+      lr_multiplier: the affine's learning-rate multiplier.
+      dtype, param_dtype, kernel_init (NVIDIA's: standard normal), bias_init: as Flax.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int]
+    up: int = 1
+    down: int = 1
+    padding: _checks.PaddingLike | None = None
+    demodulate: bool = True
+    affine: bool = True
+    style_gain: float = 1.0
+    use_noise: bool = False
+    noise_shape: Sequence[int] | None = None
+    use_bias: bool = True
+    activation: str = "lrelu"
+    activation_gain: float | None = None
+    clamp: float | None = None
+    resample_filter: Sequence[float] = _modulated.DEFAULT_RESAMPLE_FILTER
+    flip_weight: bool | None = None
+    fused: bool | str = "auto"
+    lr_multiplier: float = 1.0
+    data_format: str = "channels_last"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: Any = None
+    method: str = "auto"
+    kernel_init: Initializer = standard_normal
+    bias_init: Initializer = zeros
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs: jax.Array,
+        latents: jax.Array,
+        *,
+        noise: jax.Array | None = None,
+        noise_mode: str = "random",
+        gain: float | jax.Array = 1.0,
+    ) -> jax.Array:
+        """``(B, *spatial, C_in)`` (or ``(B, C_in, *spatial)``) and latents ``(B, latent_dim)`` (styles
+        ``(B, C_in)`` without ``affine``) -> ``(B, *out_spatial, features)`` (or channels first).
+
+        ``noise`` (``(B, *out_spatial, 1)`` in the output's layout, or the output's shape) replaces the draw
+        from the ``"noise"`` rng stream in ``noise_mode="random"``; ``"const"`` adds ``noise_const``,
+        ``"none"`` nothing.
+        """
+        inputs = jnp.asarray(inputs)
+        channels_first = self.data_format == "channels_first"
+        rank = inputs.ndim - 2 if isinstance(self.kernel_size, int) else len(self.kernel_size)
+        config = _modulated_config(self, rank)
+        _modulated.check_layer_inputs(config, inputs, None)
+        in_channels = inputs.shape[1 if channels_first else -1]
+        kernel = self.param("kernel", self.kernel_init, _modulated.kernel_shape(config, in_channels), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        if self.affine:
+            latents = jnp.asarray(latents)
+            affine_kernel = self.param(
+                "affine_kernel",
+                _scaled(standard_normal, 1 / self.lr_multiplier),
+                (latents.shape[-1], in_channels),
+                self.param_dtype,
+            )
+            affine_bias = self.param("affine_bias", ones, (in_channels,), self.param_dtype)
+            styles = _modulated.affine_styles(latents, affine_kernel, affine_bias, self.lr_multiplier)
+        else:
+            styles = jnp.asarray(latents)
+        if not self.use_noise:
+            draw = _modulated.no_noise(noise)
+        else:
+            strength = self.param("noise_strength", zeros, (), self.param_dtype)
+            const = None
+            if self.noise_shape is not None:
+                shape = tuple(self.noise_shape)
+                key = self.make_rng("params") if self.is_initializing() else None
+                const = self.variable("constants", "noise_const", jax.random.normal, key, shape, self.param_dtype).value
+            draw = _modulated.noise_source(
+                noise, noise_mode, strength, const, channels_first, lambda: self.make_rng("noise")
+            )
+        inputs = inputs.astype(self.dtype or inputs.dtype)
+        return _modulated.layer(config, inputs, kernel, styles, noise=draw, bias=bias, gain=gain)
+
+
+def _scaled(init: Initializer, factor: float) -> Initializer:
+    def scaled_init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
+        return init(key, shape, dtype) * jnp.asarray(factor, dtype)
+
+    return scaled_init
+
+
+def _modulated_config(module: ModulatedConv, num_spatial: int) -> _modulated.LayerConfig:
+    return _modulated.LayerConfig.of(
+        features=module.features,
+        kernel_size=module.kernel_size,
+        num_spatial=num_spatial,
+        padding=module.padding,
+        activation=module.activation,
+        activation_gain=module.activation_gain,
+        flip_weight=module.flip_weight,
+        up=module.up,
+        down=module.down,
+        demodulate=module.demodulate,
+        style_gain=module.style_gain,
+        clamp=module.clamp,
+        resample_filter=tuple(module.resample_filter),
+        fused=module.fused,
+        lr_multiplier=module.lr_multiplier,
+        data_format=module.data_format,
+        dtype=module.dtype,
+        precision=module.precision,
+        method=module.method,
+    )

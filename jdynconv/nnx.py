@@ -10,8 +10,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdynconv import _branch_mix, _checks, _gates, _kernel_mix
-from jdynconv.linen import Dtype, Initializer, branch_bank_init, default_kernel_init, ones, zeros
+from jdynconv import _branch_mix, _checks, _gates, _kernel_mix, _modulated, _odconv
+from jdynconv.linen import (
+    Dtype,
+    Initializer,
+    branch_bank_init,
+    default_kernel_init,
+    kaiming_normal_fan_out,
+    ones,
+    standard_normal,
+    zeros,
+)
 
 
 class BranchMixConv(nnx.Module):
@@ -433,3 +442,268 @@ class DynamicConv(_ExpertBank):
             self.kernel[...],
             self._bias_value(),
         )
+
+
+class ODConv(nnx.Module):
+    """The NNX twin of :class:`jdynconv.linen.ODConv` (see it for the maths and every attribute): the same
+    variables under the same names, ``nnx.Param`` and ``nnx.BatchStat``. The attention's BatchNorm follows
+    ``model.train()`` / ``model.eval()`` (the ``use_running_average`` attribute).
+
+    Args:
+      in_features: input channels C_in.
+      features: output channels; kernel_size: one int per spatial dim; num_experts: k (default 4).
+      The rest as the linen layer; ``rngs`` for the initialisers.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        kernel_size: Sequence[int],
+        num_experts: int = 4,
+        *,
+        reduction: float = 0.0625,
+        min_channels: int = 16,
+        temperature: float = 1.0,
+        strides: _checks.IntOrSequence = 1,
+        padding: _checks.PaddingLike = "SAME",
+        kernel_dilation: _checks.IntOrSequence = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = False,
+        momentum: float = 0.9,
+        epsilon: float = 1e-5,
+        use_running_average: bool = False,
+        unbiased_running_var: bool = False,
+        attention_placement: str = "auto",
+        method: str = "auto",
+        axis_name: str | tuple[str, ...] | None = None,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: Any = None,
+        kernel_init: Initializer = kaiming_normal_fan_out,
+        bias_init: Initializer = zeros,
+        attention_kernel_init: Initializer = kaiming_normal_fan_out,
+        attention_bias_init: Initializer = zeros,
+        scale_init: Initializer = ones,
+        offset_init: Initializer = zeros,
+        rngs: nnx.Rngs,
+    ) -> None:
+        _odconv.check_config(
+            features,
+            num_experts,
+            feature_group_count,
+            reduction,
+            min_channels,
+            temperature,
+            attention_placement,
+            method,
+        )
+        layer = _nnx_layer_config(
+            in_features,
+            features,
+            kernel_size,
+            num_experts,
+            strides=strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            feature_group_count=feature_group_count,
+            dtype=dtype,
+            precision=precision,
+            mixing="auto",
+            method=method,
+        )
+        self.in_features = in_features
+        self.use_running_average = use_running_average
+        self.config = _odconv.ODConvConfig(
+            features=features,
+            kernel_size=layer.kernel_size,
+            num_experts=num_experts,
+            reduction=reduction,
+            min_channels=min_channels,
+            temperature=temperature,
+            strides=strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            feature_group_count=feature_group_count,
+            momentum=momentum,
+            epsilon=epsilon,
+            unbiased_running_var=unbiased_running_var,
+            attention_placement=attention_placement,
+            method=method,
+            dtype=dtype,
+            precision=precision,
+            axis_name=axis_name,
+        )
+        width = _odconv.attention_width(in_features, reduction, min_channels)
+        inits = {
+            "kernel": branch_bank_init(kernel_init),
+            "bias": bias_init,
+            "attention_kernel": attention_kernel_init,
+            "attention_bias": attention_bias_init,
+            "scale": scale_init,
+            "offset": offset_init,
+        }
+        shapes = _odconv.parameter_shapes(
+            in_features, features, layer.kernel_size, num_experts, feature_group_count, width, use_bias
+        )
+        for name in _odconv.ODConvParams._fields:
+            if name in shapes:
+                shape, role = shapes[name]
+                setattr(self, name, nnx.Param(inits[role](rngs.params(), shape, param_dtype)))
+            else:
+                setattr(self, name, None)
+        self.mean = nnx.BatchStat(jnp.zeros((width,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((width,), jnp.float32))
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        temperature: float | jax.Array | None = None,
+        *,
+        use_running_average: bool | None = None,
+    ) -> jax.Array:
+        """``(B, *spatial, C_in)`` -> ``(B, *out_spatial, features)``; arguments as the linen layer's
+        (``use_running_average`` overrides the attribute for this call)."""
+        inputs = jnp.asarray(inputs)
+        _checks.check_layer_inputs(inputs, self.in_features, self.config.feature_group_count)
+        if inputs.ndim - 2 != len(self.config.kernel_size):
+            raise ValueError(
+                f"`inputs` must have {len(self.config.kernel_size)} spatial dims to match `kernel_size` "
+                f"{self.config.kernel_size}, got shape {inputs.shape}."
+            )
+        use_running_average = self.use_running_average if use_running_average is None else use_running_average
+        values = {name: getattr(self, name) for name in _odconv.ODConvParams._fields}
+        params = _odconv.ODConvParams.of({name: value[...] for name, value in values.items() if value is not None})
+        out, (new_mean, new_var) = _odconv.od_conv(
+            self.config,
+            inputs,
+            self.config.temperature if temperature is None else temperature,
+            params,
+            self.mean[...],
+            self.var[...],
+            training=not use_running_average,
+        )
+        if not use_running_average:
+            self.mean[...] = new_mean
+            self.var[...] = new_var
+        return out
+
+
+class NoiseConst(nnx.Variable):
+    """A fixed noise image (NVIDIA's ``noise_const`` buffer): stored, never trained."""
+
+
+class ModulatedConv(nnx.Module):
+    """The NNX twin of :class:`jdynconv.linen.ModulatedConv` (see it for the maths and every attribute): the
+    same variables under the same names (``noise_const`` a :class:`NoiseConst`).
+
+    Args:
+      in_features: C_in; features: C_out; kernel_size: one int per spatial dim.
+      latent_features: the latents' width for the affine (required when ``affine``).
+      The rest as the linen layer; ``rngs`` for the initialisers, and its ``noise`` stream for random noise.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        kernel_size: Sequence[int],
+        *,
+        latent_features: int | None = None,
+        up: int = 1,
+        down: int = 1,
+        padding: _checks.PaddingLike | None = None,
+        demodulate: bool = True,
+        affine: bool = True,
+        style_gain: float = 1.0,
+        use_noise: bool = False,
+        noise_shape: Sequence[int] | None = None,
+        use_bias: bool = True,
+        activation: str = "lrelu",
+        activation_gain: float | None = None,
+        clamp: float | None = None,
+        resample_filter: Sequence[float] = _modulated.DEFAULT_RESAMPLE_FILTER,
+        flip_weight: bool | None = None,
+        fused: bool | str = "auto",
+        lr_multiplier: float = 1.0,
+        data_format: str = "channels_last",
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: Any = None,
+        method: str = "auto",
+        kernel_init: Initializer = standard_normal,
+        bias_init: Initializer = zeros,
+        rngs: nnx.Rngs,
+    ) -> None:
+        if affine and latent_features is None:
+            raise ValueError("`latent_features` is required with `affine` (the width of the latents).")
+        self.in_features = in_features
+        self.dtype = dtype
+        self.use_noise = use_noise
+        self.rngs = rngs if use_noise else None
+        self.config = _modulated.LayerConfig.of(
+            features=features,
+            kernel_size=kernel_size,
+            num_spatial=len(kernel_size),
+            padding=padding,
+            activation=activation,
+            activation_gain=activation_gain,
+            flip_weight=flip_weight,
+            up=up,
+            down=down,
+            demodulate=demodulate,
+            style_gain=style_gain,
+            clamp=clamp,
+            resample_filter=tuple(resample_filter),
+            fused=fused,
+            lr_multiplier=lr_multiplier,
+            data_format=data_format,
+            dtype=dtype,
+            precision=precision,
+            method=method,
+        )
+        shape = _modulated.kernel_shape(self.config, in_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
+        self.bias = nnx.Param(bias_init(rngs.params(), (features,), param_dtype)) if use_bias else None
+        if affine:
+            normal = standard_normal(rngs.params(), (latent_features, in_features), param_dtype)
+            self.affine_kernel = nnx.Param(normal / lr_multiplier)
+            self.affine_bias = nnx.Param(jnp.ones((in_features,), param_dtype))
+        else:
+            self.affine_kernel = self.affine_bias = None
+        self.noise_strength = nnx.Param(jnp.zeros((), param_dtype)) if use_noise else None
+        const = None
+        if use_noise and noise_shape is not None:
+            const = NoiseConst(jax.random.normal(rngs.params(), tuple(noise_shape), param_dtype))
+        self.noise_const = const
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        latents: jax.Array,
+        *,
+        noise: jax.Array | None = None,
+        noise_mode: str = "random",
+        gain: float | jax.Array = 1.0,
+    ) -> jax.Array:
+        """As :meth:`jdynconv.linen.ModulatedConv.__call__`."""
+        inputs = jnp.asarray(inputs)
+        config = self.config
+        channels_first = config.data_format == "channels_first"
+        _modulated.check_layer_inputs(config, inputs, self.in_features)
+        if self.affine_kernel is not None:
+            styles = _modulated.affine_styles(
+                jnp.asarray(latents), self.affine_kernel[...], self.affine_bias[...], config.lr_multiplier
+            )
+        else:
+            styles = jnp.asarray(latents)
+        if not self.use_noise:
+            draw = _modulated.no_noise(noise)
+        else:
+            const = self.noise_const[...] if self.noise_const is not None else None
+            draw = _modulated.noise_source(
+                noise, noise_mode, self.noise_strength[...], const, channels_first, lambda: self.rngs.noise()
+            )
+        bias = self.bias[...] if self.bias is not None else None
+        inputs = inputs.astype(self.dtype or inputs.dtype)
+        return _modulated.layer(config, inputs, self.kernel[...], styles, noise=draw, bias=bias, gain=gain)
