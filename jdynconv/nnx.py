@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -590,7 +590,10 @@ class ODConv(nnx.Module):
 
 
 class NoiseConst(nnx.Variable):
-    """A fixed noise image (NVIDIA's ``noise_const`` buffer): stored, never trained."""
+    """A fixed noise image (NVIDIA's ``noise_const`` buffer): stored, never trained; linen keeps it in the
+    ``constants`` collection."""
+
+    linen_collection: ClassVar[str] = "constants"
 
 
 class ModulatedConv(nnx.Module):

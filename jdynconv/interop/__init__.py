@@ -24,12 +24,15 @@ Registered modules (linen and NNX): ``BranchMixConv`` (the seed's PyTorch model)
 C_in // G, *K)``, the attention's 1x1 convs ``attention.fc1``/``attention.fc2``) and ``ODConv`` (the original
 ``ODConv2d``'s names: ``weight (k, F, C_in // G, *K)``, ``attention.fc``, ``attention.bn``,
 ``attention.{channel,filter,spatial,kernel}_fc``); see :func:`cond_conv_rules`, :func:`dynamic_conv_rules` and
-:func:`od_conv_rules`. Others (your own models, built from :func:`conv_rules`, :func:`linear_rules`,
+:func:`od_conv_rules`; ``ModulatedConv`` (NVIDIA's StyleGAN2 ``SynthesisLayer`` / ``ToRGBLayer``: ``weight``,
+``affine.{weight,bias}``, ``bias``, ``noise_strength``, ``noise_const``, ``resample_filter``; see
+:func:`modulated_conv_rules`). Others (your own models, built from :func:`conv_rules`, :func:`linear_rules`,
 :func:`batchnorm_rules` and the rest) with :func:`register`.
 """
 
 from jdynconv.interop import _branch_mix as _branch_mix  # registers BranchMixConv
 from jdynconv.interop import _kernel_mix as _kernel_mix  # registers CondConv, DynamicConv
+from jdynconv.interop import _modulated as _modulated  # registers ModulatedConv
 from jdynconv.interop import _odconv as _odconv  # registers ODConv
 from jdynconv.interop._branch_mix import branch_mix_rules as branch_mix_rules
 from jdynconv.interop._convert import Converter as Converter
@@ -42,6 +45,7 @@ from jdynconv.interop._io import load_state_dict as load_state_dict
 from jdynconv.interop._kernel_mix import ReshapedPermutation as ReshapedPermutation
 from jdynconv.interop._kernel_mix import cond_conv_rules as cond_conv_rules
 from jdynconv.interop._kernel_mix import dynamic_conv_rules as dynamic_conv_rules
+from jdynconv.interop._modulated import modulated_conv_rules as modulated_conv_rules
 from jdynconv.interop._odconv import od_conv_rules as od_conv_rules
 from jdynconv.interop._rules import Dim as Dim
 from jdynconv.interop._rules import Permutation as Permutation
@@ -73,6 +77,7 @@ __all__ = [
     "linear_rules",
     "linen_to_torch",
     "load_state_dict",
+    "modulated_conv_rules",
     "nnx_to_torch",
     "od_conv_rules",
     "register",

@@ -139,12 +139,20 @@ def linen_to_torch(module: nn.Module, variables: Mapping[str, Any]) -> dict[str,
 
 
 def _collection(variable: nnx.Variable) -> str:
-    return "params" if isinstance(variable, nnx.Param) else "batch_stats"
+    """The linen collection of an NNX variable: ``params``, ``batch_stats``, or its type's ``linen_collection``."""
+    if isinstance(variable, nnx.Param):
+        return "params"
+    return getattr(type(variable), "linen_collection", "batch_stats")
+
+
+def _converted(path: Any, variable: Any) -> bool:
+    return isinstance(variable, nnx.Param | nnx.BatchStat) or hasattr(type(variable), "linen_collection")
 
 
 def _nnx_variables(model: nnx.Module) -> dict[FlaxKey, nnx.Variable]:
-    """``{("params", *path): Param, ("batch_stats", *path): BatchStat}`` of an NNX model."""
-    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    """``{("params", *path): Param, ("batch_stats", *path): BatchStat, ...}`` of an NNX model (and variables of
+    other types that name their ``linen_collection``, e.g. ModulatedConv's ``noise_const``)."""
+    state = nnx.state(model, _converted)
     return {(_collection(variable), *path): variable for path, variable in nnx.to_flat_state(state)}
 
 
@@ -187,7 +195,7 @@ def torch_to_nnx(model: nnx.Module, state_dict: Mapping[str, Any]) -> nnx.Module
 
 
 def nnx_to_torch(model: nnx.Module) -> dict[str, np.ndarray]:
-    """An NNX model's ``nnx.Param`` and ``nnx.BatchStat`` variables -> PyTorch state dict.
+    """An NNX model's ``nnx.Param`` and ``nnx.BatchStat`` variables (and ``noise_const``) -> PyTorch state dict.
 
     Returns:
       PyTorch key -> contiguous NumPy array in PyTorch layout (as :func:`linen_to_torch`).
