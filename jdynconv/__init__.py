@@ -1,7 +1,8 @@
 """jdynconv: input-dependent convolution for JAX and Flax.
 
-Per-sample convolution (every batch element its own kernel), weighted branch mixing, kernel mixing
-(CondConv, Dynamic Convolution) and ODConv's four attentions, as pure functions over ``jax.lax`` with Flax
+Per-sample convolution (every batch element its own kernel) and its transposed form, weighted branch
+mixing, kernel mixing (CondConv, Dynamic Convolution), ODConv's four attentions and StyleGAN2's modulated
+convolution, as pure functions over ``jax.lax`` with Flax
 modules on top: ``jdynconv.linen`` and ``jdynconv.nnx`` (same names, same maths); ``jdynconv.interop`` moves
 weights between PyTorch and Flax. The three submodules are attributes of the package too
 (``jdynconv.linen.BranchMixConv``), imported on first use so ``import jdynconv`` stays light and never

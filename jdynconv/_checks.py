@@ -158,7 +158,10 @@ def check_layer_inputs(inputs: Any, in_features: int | None, feature_group_count
 
 
 def check_temperature(temperature: Any) -> None:
-    """A concrete non-positive temperature is an error; a traced one cannot be checked here."""
+    """A non-scalar temperature is an error (a traced one's shape is static too); so is a concrete non-positive
+    one (a traced value cannot be checked here)."""
+    if np.ndim(temperature) != 0:
+        raise ValueError(f"`temperature` must be a positive finite scalar, got shape {np.shape(temperature)}.")
     if isinstance(temperature, jax.core.Tracer):
         return
     value = np.asarray(temperature)

@@ -68,7 +68,8 @@ def modulated_conv(
       demodulate: normalise each output channel's per-sample kernel to unit L2 norm.
       up: up-sampling factor (1 or more); ``up`` and ``down`` cannot both exceed 1.
       down: down-sampling factor (1 or more).
-      padding: an int, one int per spatial dim, or one ``(low, high)`` pair per spatial dim (negative crops).
+      padding: an int, one int per spatial dim, or one ``(low, high)`` pair per spatial dim (negative crops), in
+        the order of the spatial dims (H, then W: NVIDIA's lists give x first, ``[x0, x1, y0, y1]``).
       resample_filter: the FIR filter for ``up``/``down``: 1-D taps (separable) or an N-d array, normalised to
         sum 1 (NVIDIA's ``setup_filter``); the default is StyleGAN2's ``[1, 3, 3, 1]``.
       flip_weight: NVIDIA's flag: True runs a cross-correlation (``lax``'s and PyTorch's ``conv``), False a
@@ -85,12 +86,16 @@ def modulated_conv(
 
     Returns:
       ``(B, *out_spatial, C_out)`` (``"channels_last"``) or ``(B, C_out, *out_spatial)``, in the inputs' dtype;
-      for ``up``: ``size * up + low + high - kernel_size + 1`` per dim, for ``down``:
-      ``(size + low + high - kernel_size) // down + 1`` (NVIDIA's sizes).
+      with ``padding`` ``(low, high)``: ``size * up + low + high - kernel_size + 1`` per dim for ``up``,
+      ``(size + low + high - kernel_size + 1) // down`` for ``down``, ``size + low + high - kernel_size + 1``
+      otherwise (NVIDIA's sizes).
 
     Half-precision inputs (float16, bfloat16) with ``demodulate`` take NVIDIA's pre-normalisation: the kernel
     scaled by ``1 / sqrt(fan_in)`` over its largest magnitude per output channel and the styles over their
-    largest magnitude per sample, which demodulation cancels, so the scaled activations cannot overflow.
+    largest magnitude per sample, which demodulation cancels, so the scaled activations of the non-fused path
+    cannot overflow (the fused path builds its kernels in the kernel's dtype, demodulated, before the cast).
+    The demodulation's sum of squares and (in the layer) the affine run at ``Precision.HIGHEST``: they are
+    small, and NVIDIA computes them in float32.
     """
     if data_format not in functional.DATA_FORMATS:
         raise ValueError(f"`data_format` must be one of {functional.DATA_FORMATS}, got {data_format!r}.")
@@ -132,10 +137,10 @@ def modulated_conv(
         raise ValueError(f"`epsilon` must be >= 0, got {epsilon!r}.")
     pads = _explicit_pads(padding, num_spatial)
     taps = _resample.setup_filter(resample_filter, num_spatial=num_spatial)
-    resample = _Resample(up, down, taps, flip_weight, flip_filter, precision)
+    resample = _Resample(up, down, taps, flip_weight, flip_filter)
     out_spatial = resample.output_spatial_shape(spatial, kernel_size, pads)
     if fused == "auto":
-        fused = use_fused(up, down)
+        fused = use_fused(up, down, math.prod(out_spatial))
 
     if inputs.dtype.itemsize <= 2 and demodulate:
         fan_in = in_channels * math.prod(kernel_size)
@@ -164,18 +169,22 @@ def modulated_conv(
             out = resample(scaled, kernel.astype(inputs.dtype), pads, _shared_conv(precision))
         if scale is not None:
             out = out * scale.astype(out.dtype).reshape(batch, *(1,) * num_spatial, -1)
-    assert out.shape[1:-1] == out_spatial, (out.shape, out_spatial)
     out = jnp.moveaxis(out, -1, 1) if channels_first else out
     if noise is not None:
         out = out + _checked_noise(noise, out.shape, channels_first).astype(out.dtype)
     return out
 
 
-def use_fused(up: int, down: int) -> bool:
-    """The ``fused="auto"`` rule: per-sample kernels when resampling, one shared conv otherwise; the faster
-    path in each case, training steps included (``benchmarks/modulated_conv.py``,
-    ``benchmarks/results/modulated_conv_cpu.json``)."""
-    return up > 1 or down > 1
+def use_fused(up: int, down: int, out_positions: int) -> bool:
+    """The ``fused="auto"`` rule: per-sample kernels, except without resampling on small maps (at most
+    ``FUSED_MIN_POSITIONS`` output positions a sample), where one shared conv is the faster program. The shared
+    conv's kernel gradient is XLA:CPU's, several times slower than per_sample_conv's on larger maps, so the rule
+    follows the training step (``benchmarks/modulated_conv.py``, ``benchmarks/results/families/``); for
+    inference on large maps ``fused=False`` can be the faster forward."""
+    return up > 1 or down > 1 or out_positions > FUSED_MIN_POSITIONS
+
+
+FUSED_MIN_POSITIONS = 256
 
 
 ConvFn = _transpose.ConvFn
@@ -217,11 +226,9 @@ class _Resample:
     channels-last kernel, through ``conv``; the same paths as the original, which its padding arithmetic
     belongs to."""
 
-    def __init__(
-        self, up: int, down: int, taps: np.ndarray, flip_weight: bool, flip_filter: bool, precision: Any
-    ) -> None:
+    def __init__(self, up: int, down: int, taps: np.ndarray, flip_weight: bool, flip_filter: bool) -> None:
         self.up, self.down, self.taps = up, down, taps
-        self.flip_weight, self.flip_filter, self.precision = flip_weight, flip_filter, precision
+        self.flip_weight, self.flip_filter = flip_weight, flip_filter
 
     def _filter_pads(self, pads: Sequence[tuple[int, int]], num_spatial: int) -> list[tuple[int, int]]:
         sizes = _resample.filter_size(self.taps, num_spatial)
@@ -288,7 +295,6 @@ class _Resample:
                 ones,
                 out_spatial,
                 1,
-                batched=transposed_kernel.ndim == num_spatial + 3,
             )
             fir_pads = [(low + t, high + t) for (low, high), t in zip(pads, trims, strict=True)]
             return _resample.upfirdn(x, self.taps, padding=fir_pads, gain=self.up**num_spatial, **fir)
@@ -325,12 +331,18 @@ def _explicit_pads(padding: _checks.PaddingLike, num_spatial: int) -> tuple[tupl
     raise ValueError(f"`padding` must be {forms}; got {padding!r}.")
 
 
+def _one_channel(out_shape: tuple[int, ...], channels_first: bool) -> tuple[int, ...]:
+    """``out_shape`` with one channel: the shape of noise broadcast over the channels."""
+    single = list(out_shape)
+    single[1 if channels_first else -1] = 1
+    return tuple(single)
+
+
 def _checked_noise(noise: ArrayLike, out_shape: tuple[int, ...], channels_first: bool) -> jax.Array:
     """``noise`` of the output's shape, or with one channel (broadcast over the channels), in its layout."""
     noise = jnp.asarray(noise)
     _checks.check_float_dtype("noise", noise)
-    single = list(out_shape)
-    single[1 if channels_first else -1] = 1
+    single = _one_channel(out_shape, channels_first)
     if tuple(noise.shape) not in (tuple(single), tuple(out_shape)):
         raise ValueError(
             f"`noise` must have shape {tuple(single)} or {tuple(out_shape)} (the output's), got {tuple(noise.shape)}."
@@ -364,7 +376,6 @@ class LayerConfig:
     fused: Fused
     lr_multiplier: float
     data_format: functional.DataFormat
-    dtype: Any
     precision: Any
     method: functional.Method
 
@@ -476,14 +487,12 @@ def noise_source(
     """The layer's noise for an output shape, times ``strength``, as NVIDIA's ``noise_mode``: ``"random"`` (the
     ``noise`` passed, or a standard normal draw from ``key()``, one channel), ``"const"`` (``const``, the
     output's spatial shape), ``"none"``."""
-    if noise_mode not in ("random", "const", "none"):
-        raise ValueError(f'`noise_mode` must be "random", "const" or "none", got {noise_mode!r}.')
+    _check_noise_mode(noise_mode)
     if noise is not None and noise_mode != "random":
         raise ValueError(f'`noise` is used only with `noise_mode` "random", got {noise_mode!r}.')
 
     def draw(out_shape: tuple[int, ...]) -> jax.Array | None:
-        single = list(out_shape)
-        single[1 if channels_first else -1] = 1
+        single = _one_channel(out_shape, channels_first)
         if noise_mode == "none":
             return None
         if noise_mode == "const":
@@ -491,7 +500,7 @@ def noise_source(
             if const is None or tuple(const.shape) != tuple(spatial):
                 got = "no `noise_shape`" if const is None else f"`noise_shape` {tuple(const.shape)}"
                 raise ValueError(f'`noise_mode` "const" needs `noise_shape` {tuple(spatial)} (the output), got {got}.')
-            values = jnp.broadcast_to(const.reshape([1, *single[1:]]), single)
+            values = jnp.broadcast_to(const.reshape((1, *single[1:])), single)
             return values * strength
         values = jax.random.normal(key(), single, strength.dtype) if noise is None else jnp.asarray(noise)
         return values.astype(strength.dtype) * strength
@@ -499,8 +508,14 @@ def noise_source(
     return draw
 
 
-def no_noise(noise: ArrayLike | None) -> Callable[[tuple[int, ...]], None]:
+def _check_noise_mode(noise_mode: str) -> None:
+    if noise_mode not in ("random", "const", "none"):
+        raise ValueError(f'`noise_mode` must be "random", "const" or "none", got {noise_mode!r}.')
+
+
+def no_noise(noise: ArrayLike | None, noise_mode: str) -> Callable[[tuple[int, ...]], None]:
     """The noise of a layer without ``use_noise``: none, and an error if some was passed."""
+    _check_noise_mode(noise_mode)
     if noise is not None:
         raise ValueError("`noise` was passed to a ModulatedConv without `use_noise`.")
     return lambda out_shape: None

@@ -12,7 +12,7 @@ so the transposed conv inherits its lowerings, its derivatives and its batch-par
   over the input with ``s - 1`` zeros between samples (``input_dilation``).
 
 ``benchmarks/per_sample_conv_transpose.py`` compares the two (results in
-``benchmarks/results/per_sample_conv_transpose_cpu.json``); the sub-pixel form is used wherever it applies.
+``benchmarks/results/families/per_sample_conv_transpose_cpu.md``); the sub-pixel form is used wherever it applies.
 """
 
 from __future__ import annotations
@@ -119,12 +119,7 @@ def per_sample_conv_transpose(
                 f"`output_padding` {output_padding_t} must be smaller than the stride or the dilation of each dim "
                 f"(`strides` {strides_t}, `kernel_dilation` {dilation_t}), as in PyTorch."
             )
-    out_spatial = tuple(
-        (n - 1) * s - 2 * p + d * (k - 1) + op + 1
-        for n, s, p, d, k, op in zip(
-            spatial, strides_t, padding_t, dilation_t, kernel_size, output_padding_t, strict=True
-        )
-    )
+    out_spatial = output_spatial_shape(spatial, kernel_size, strides_t, padding_t, dilation_t, output_padding_t)
     if any(size < 1 for size in out_spatial):
         raise ValueError(
             f"The transposed conv's output would be empty: spatial shape {tuple(spatial)}, kernel size "
@@ -145,7 +140,7 @@ def per_sample_conv_transpose(
             **geometry,
         )
 
-    out = transposed(conv, inputs, kernels, strides_t, padding_t, dilation_t, out_spatial, groups, form, batched=True)
+    out = transposed(conv, inputs, kernels, strides_t, padding_t, dilation_t, out_spatial, groups, form)
     if bias is not None:
         bias = functional.broadcastable_bias(bias, batch, out.shape[-1], inputs.dtype, num_spatial)
         out = out + bias.astype(out.dtype)
@@ -178,14 +173,12 @@ def transposed(
     out_spatial: tuple[int, ...],
     groups: int,
     form: str = "auto",
-    *,
-    batched: bool,
 ) -> jax.Array:
-    """The transposed conv of channels-last ``inputs`` with ``kernels`` ``([B,] *k, C_out // G, C_in)``
-    (per sample when ``batched``, else shared), run as ``conv(inputs, forward_kernels, padding=...,
+    """The transposed conv of channels-last ``inputs`` with ``kernels`` ``(B, *k, C_out // G, C_in)``
+    per sample, run as ``conv(inputs, forward_kernels, padding=...,
     [input_dilation=..., kernel_dilation=...])``, a stride-1 conv, and cropped to ``out_spatial``."""
     if form == "sub_pixel" or (form == "auto" and all(d == 1 for d in dilation)):
-        full = _sub_pixel(conv, inputs, kernels, strides, groups, batched=batched)
+        full = _sub_pixel(conv, inputs, kernels, strides, groups)
     else:
         full = _input_dilated(conv, inputs, kernels, strides, dilation, groups)
     return _crop(full, padding, out_spatial)
@@ -216,32 +209,28 @@ def _input_dilated(
     return conv(inputs, forward, padding=[(r, r) for r in reach], input_dilation=strides, kernel_dilation=dilation)
 
 
-def _sub_pixel(
-    conv: ConvFn, inputs: jax.Array, kernels: jax.Array, strides: tuple[int, ...], groups: int, *, batched: bool
-) -> jax.Array:
+def _sub_pixel(conv: ConvFn, inputs: jax.Array, kernels: jax.Array, strides: tuple[int, ...], groups: int) -> jax.Array:
     """The full output as ``prod(strides)`` phase convs in one: output ``s * q + r`` is
     ``sum_m inputs[q - m] * kernels[r + s * m]``, a stride-1 conv with the taps ``r + s * m`` reversed."""
     batch, *spatial, _ = inputs.shape
-    lead = kernels.shape[:1] if batched else ()
-    n = len(lead)
-    *kernel_size, group_out, in_channels = kernels.shape[n:]
+    *kernel_size, group_out, in_channels = kernels.shape[1:]
     num_spatial = len(spatial)
     phases = math.prod(strides)
     taps = [-(-k // s) for k, s in zip(kernel_size, strides, strict=True)]
     # Taps padded to a multiple of the stride, then split as (m, r) per dim: tap r + s * m.
     tap_pads = [(0, m * s - k) for m, s, k in zip(taps, strides, kernel_size, strict=True)]
-    padded = jnp.pad(kernels, [(0, 0)] * n + tap_pads + [(0, 0), (0, 0)])
+    padded = jnp.pad(kernels, [(0, 0), *tap_pads, (0, 0), (0, 0)])
     split_sizes = [size for m, s in zip(taps, strides, strict=True) for size in (m, s)]
-    split = padded.reshape(*lead, *split_sizes, group_out, in_channels)
-    split = jnp.flip(split, axis=tuple(n + 2 * i for i in range(num_spatial)))
-    # (..., m1, r1, m2, r2, ..., C_out // G, C_in) -> (..., m1, m2, ..., r1, r2, ..., C_out // G, C_in)
-    order = [*range(n), *(n + 2 * i for i in range(num_spatial)), *(n + 1 + 2 * i for i in range(num_spatial))]
+    split = padded.reshape(batch, *split_sizes, group_out, in_channels)
+    split = jnp.flip(split, axis=tuple(1 + 2 * i for i in range(num_spatial)))
+    # (B, m1, r1, m2, r2, ..., C_out // G, C_in) -> (B, m1, m2, ..., r1, r2, ..., C_out // G, C_in)
+    order = [0, *(1 + 2 * i for i in range(num_spatial)), *(2 + 2 * i for i in range(num_spatial))]
     phased = jnp.transpose(split, [*order, split.ndim - 2, split.ndim - 1])
-    # Phases become output channels inside each group: (..., *m, C_in // G, G * phases * C_out // G).
-    phased = phased.reshape(*lead, *taps, phases, group_out, groups, in_channels // groups)
-    phased = jnp.moveaxis(phased, -2, -4)  # (..., *m, G, phases, C_out // G, C_in // G)
-    forward = jnp.moveaxis(phased, -1, n + num_spatial).reshape(
-        *lead, *taps, in_channels // groups, groups * phases * group_out
+    # Phases become output channels inside each group: (B, *m, C_in // G, G * phases * C_out // G).
+    phased = phased.reshape(batch, *taps, phases, group_out, groups, in_channels // groups)
+    phased = jnp.moveaxis(phased, -2, -4)  # (B, *m, G, phases, C_out // G, C_in // G)
+    forward = jnp.moveaxis(phased, -1, 1 + num_spatial).reshape(
+        batch, *taps, in_channels // groups, groups * phases * group_out
     )
     out = conv(inputs, forward, padding=[(m - 1, m - 1) for m in taps])
     # Depth-to-space: (B, *q, G, r1, r2, ..., C_out // G) -> (B, q1, r1, q2, r2, ..., G, C_out // G).

@@ -574,11 +574,15 @@ class ModulatedConv(nn.Module):
       affine: styles from a Dense of the latents (True) or passed in (False).
       style_gain: multiplies the styles (ToRGB's weight gain).
       use_noise: add ``noise_strength`` (initialised to 0) times noise; noise_shape: the output's spatial
-        shape, needed for ``noise_mode="const"``.
+        shape, for ``noise_mode="const"``; with it the layer has a ``constants`` collection, which every
+        ``apply`` then needs (pass all of ``init``'s variables).
       use_bias, activation (``"lrelu"``, slope 0.2, or ``"linear"``), activation_gain (None: sqrt(2) for
         lrelu, 1 for linear), clamp (NVIDIA's ``conv_clamp``).
       lr_multiplier: the affine's learning-rate multiplier.
-      dtype, param_dtype, kernel_init (NVIDIA's: standard normal), bias_init: as Flax.
+      dtype: the convolution's dtype (the inputs are cast to it; None: the inputs'); the per-sample kernels are
+        cast to it too, while styles, modulation and demodulation stay in ``param_dtype`` (NVIDIA's
+        ``.to(x.dtype)`` scheme, not Flax's ``promote_dtype``).
+      param_dtype, kernel_init (NVIDIA's: standard normal), bias_init: as Flax.
     """
 
     features: int
@@ -626,7 +630,7 @@ class ModulatedConv(nn.Module):
         """
         inputs = jnp.asarray(inputs)
         channels_first = self.data_format == "channels_first"
-        rank = inputs.ndim - 2 if isinstance(self.kernel_size, int) else len(self.kernel_size)
+        rank = inputs.ndim - 2 if _checks.is_int(self.kernel_size) else len(self.kernel_size)
         config = _modulated_config(self, rank)
         _modulated.check_layer_inputs(config, inputs, None)
         in_channels = inputs.shape[1 if channels_first else -1]
@@ -643,9 +647,9 @@ class ModulatedConv(nn.Module):
             affine_bias = self.param("affine_bias", ones, (in_channels,), self.param_dtype)
             styles = _modulated.affine_styles(latents, affine_kernel, affine_bias, self.lr_multiplier)
         else:
-            styles = jnp.asarray(latents)
+            styles = jnp.asarray(latents).astype(self.param_dtype)
         if not self.use_noise:
-            draw = _modulated.no_noise(noise)
+            draw = _modulated.no_noise(noise, noise_mode)
         else:
             strength = self.param("noise_strength", zeros, (), self.param_dtype)
             const = None
@@ -685,7 +689,6 @@ def _modulated_config(module: ModulatedConv, num_spatial: int) -> _modulated.Lay
         fused=module.fused,
         lr_multiplier=module.lr_multiplier,
         data_format=module.data_format,
-        dtype=module.dtype,
         precision=module.precision,
         method=module.method,
     )

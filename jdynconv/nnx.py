@@ -179,6 +179,19 @@ class BranchMixConv(nnx.Module):
         return out
 
 
+def _spatial_kernel_size(kernel_size: Sequence[int]) -> tuple[int, ...]:
+    """One int per spatial dim (1 to 3): an NNX layer creates its kernel before it sees an input's rank."""
+    if _checks.is_int(kernel_size):
+        raise ValueError(
+            f"`kernel_size` {kernel_size!r} is an int, but an NNX layer creates its kernel before seeing an input: "
+            "pass one int per spatial dim, e.g. (3, 3)."
+        )
+    kernel_size = _checks.canonicalize_ints(tuple(kernel_size), len(tuple(kernel_size)), "kernel_size")
+    if not 1 <= len(kernel_size) <= 3:
+        raise ValueError(f"`kernel_size` must have 1 to 3 spatial dims, got {kernel_size!r}.")
+    return kernel_size
+
+
 def _nnx_layer_config(
     in_features: int,
     features: int,
@@ -202,14 +215,7 @@ def _nnx_layer_config(
             f"`in_features` must be a positive int divisible by `feature_group_count` (={feature_group_count}), "
             f"got {in_features!r}."
         )
-    if _checks.is_int(kernel_size):
-        raise ValueError(
-            f"`kernel_size` {kernel_size!r} is an int, but an NNX layer creates its kernel before seeing an input: "
-            "pass one int per spatial dim, e.g. (3, 3)."
-        )
-    kernel_size = _checks.canonicalize_ints(tuple(kernel_size), len(tuple(kernel_size)), "kernel_size")
-    if not 1 <= len(kernel_size) <= 3:
-        raise ValueError(f"`kernel_size` must have 1 to 3 spatial dims, got {kernel_size!r}.")
+    kernel_size = _spatial_kernel_size(kernel_size)
     return _kernel_mix.LayerConfig(
         features=features,
         kernel_size=kernel_size,
@@ -644,6 +650,7 @@ class ModulatedConv(nnx.Module):
         self.dtype = dtype
         self.use_noise = use_noise
         self.rngs = rngs if use_noise else None
+        kernel_size = _spatial_kernel_size(kernel_size)
         self.config = _modulated.LayerConfig.of(
             features=features,
             kernel_size=kernel_size,
@@ -661,7 +668,6 @@ class ModulatedConv(nnx.Module):
             fused=fused,
             lr_multiplier=lr_multiplier,
             data_format=data_format,
-            dtype=dtype,
             precision=precision,
             method=method,
         )
@@ -699,9 +705,9 @@ class ModulatedConv(nnx.Module):
                 jnp.asarray(latents), self.affine_kernel[...], self.affine_bias[...], config.lr_multiplier
             )
         else:
-            styles = jnp.asarray(latents)
+            styles = jnp.asarray(latents).astype(self.kernel.dtype)
         if not self.use_noise:
-            draw = _modulated.no_noise(noise)
+            draw = _modulated.no_noise(noise, noise_mode)
         else:
             const = self.noise_const[...] if self.noise_const is not None else None
             draw = _modulated.noise_source(

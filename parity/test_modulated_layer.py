@@ -130,6 +130,21 @@ def test_nnx_layer_matches_nvidia(name, assert_close) -> None:
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
 
 
+def test_a_checkpoint_with_another_filter_is_refused() -> None:
+    """The filter is the layer's configuration, not a weight: a SynthesisLayer saved with another filter would
+    give other outputs, so loading it is an error that names the buffer (not a silent mismatch)."""
+    torch.manual_seed(0)
+    other = nvidia.ModulatedConvLayer(IN, OUT, LATENT, resolution=RES, up=2, resample_filter=(1, 2, 2, 1))
+    module = linen.ModulatedConv(features=OUT, kernel_size=3, up=2, use_noise=True, noise_shape=(RES, RES))
+    state_dict = {key: value.detach().numpy() for key, value in other.state_dict().items()}
+    with pytest.raises(interop.StateDictError, match=r"mismatch: resample_filter: expected the module's"):
+        interop.torch_to_linen(module, state_dict)
+    matching = linen.ModulatedConv(
+        features=OUT, kernel_size=3, up=2, use_noise=True, noise_shape=(RES, RES), resample_filter=(1, 2, 2, 1)
+    )
+    interop.torch_to_linen(matching, state_dict)
+
+
 def test_missing_and_unexpected_keys_are_reported_together() -> None:
     reference, module, _ = _layers("synthesis")
     state_dict = {key: value.detach().numpy() for key, value in reference.state_dict().items()}

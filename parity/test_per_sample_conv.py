@@ -262,8 +262,18 @@ def test_torch_references_agree(case: Case, assert_close: Callable[[object, obje
             assert_close(actual[name], expected[name], f"torch {reference} vs loop: {name}")
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+# "depthwise" (a multiply-add per tap and input channel of a group) on the 3-D cases with several input
+# channels per group compiles programs of thousands of ops (19 s for one case); tests/test_functional.py
+# checks it there against float64, so parity runs it on 1-D and 2-D cases only.
+METHOD_CASES = [
+    pytest.param(case, method, id=f"{case.name}-{method}")
+    for case in CASES
+    for method in METHODS
+    if not (method == "depthwise" and case.rank == 3)
+]
+
+
+@pytest.mark.parametrize(("case", "method"), METHOD_CASES)
 def test_matches_torch_channels_first(
     case: Case, method: str, assert_close: Callable[[object, object, str], None]
 ) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
@@ -74,3 +76,14 @@ def test_output_shape_matches_lax() -> None:
     w = np.zeros((1, 1, 3, 2), np.float32)
     expected = lax.conv_general_dilated(x, w, (2, 1), pads, lhs_dilation=(2, 1), rhs_dilation=(1, 3)).shape[2:]
     assert got == tuple(expected)
+
+
+def test_temperature_must_be_a_scalar_even_when_traced() -> None:
+    """A traced temperature's value cannot be checked, but its shape can: a (B,) array would broadcast into
+    every attention's channel axis."""
+    _checks.check_temperature(jnp.float32(0.5))
+    jax.jit(lambda t: _checks.check_temperature(t) or t)(jnp.float32(2.0))
+    with pytest.raises(ValueError, match=r"`temperature` must be a positive finite scalar, got shape \(4,\)"):
+        jax.jit(lambda t: _checks.check_temperature(t) or t)(jnp.ones(4))
+    with pytest.raises(ValueError, match=r"`temperature` must be a positive finite scalar, got -1.0"):
+        _checks.check_temperature(-1.0)

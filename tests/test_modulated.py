@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,47 +51,52 @@ def test_upfirdn_matches_definition(num_spatial, up, down, taps) -> None:
         assert_close(out, reference.upfirdn(x, filter_as_convolved, up, down, pads, gain=gain), F32_RTOL)
 
 
-CASES = list(
-    itertools.product(
-        [(2, 3, 1, 1), (2, 3, 2, 1), (2, 3, 1, 2), (2, 1, 2, 1), (2, 1, 1, 2), (1, 3, 2, 1), (3, 3, 1, 2)],
-        [True, False],  # demodulate
-    )
-)
+# (spatial dims, kernel size, up, down, demodulate, flip_weight, padding): NVIDIA's two kernel orientations,
+# each with its usual padding (kernel_size // 2 with flip_weight True, 0 with False).
+CASES = [
+    (2, 3, 1, 1, True, True, 1),
+    (2, 3, 2, 1, False, False, 0),
+    (2, 3, 1, 2, True, True, 1),
+    (2, 1, 2, 1, True, False, 0),
+    (2, 1, 1, 2, False, True, 0),
+    (1, 3, 2, 1, True, False, 0),
+    (3, 3, 1, 2, True, True, 1),
+    (2, 3, 2, 1, True, True, 1),
+]
 
 
-@pytest.mark.parametrize(("geometry", "demodulate"), CASES, ids=str)
-def test_both_paths_match_the_definition(geometry, demodulate) -> None:
-    num_spatial, kernel_size, up, down = geometry
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_both_paths_match_the_definition(case) -> None:
+    num_spatial, kernel_size, up, down, demodulate, flip_weight, padding = case
     x, kernel, styles = _arrays(num_spatial, kernel_size)
     taps = ASYMMETRIC_FILTER if num_spatial != 3 else STYLEGAN_FILTER
-    for flip_weight, padding in ((True, kernel_size // 2), (False, 0)):
-        expected = reference.modulated_conv(
-            x,
-            kernel,
-            styles,
-            demodulate=demodulate,
-            up=up,
-            down=down,
-            padding=padding,
-            taps=taps,
-            flip_weight=flip_weight,
-        )
-        for fused in (True, False):
-            out = jax.jit(
-                lambda x, k, s, fused=fused, flip_weight=flip_weight, padding=padding: jdc.modulated_conv(
-                    x,
-                    k,
-                    s,
-                    demodulate=demodulate,
-                    up=up,
-                    down=down,
-                    padding=padding,
-                    resample_filter=taps * 7,  # normalised to sum 1 inside, as NVIDIA's setup_filter
-                    flip_weight=flip_weight,
-                    fused=fused,
-                )
-            )(x, kernel, styles)
-            assert_close(out, expected, F32_RTOL, f"fused={fused} flip_weight={flip_weight}")
+    expected = reference.modulated_conv(
+        x,
+        kernel,
+        styles,
+        demodulate=demodulate,
+        up=up,
+        down=down,
+        padding=padding,
+        taps=taps,
+        flip_weight=flip_weight,
+    )
+    for fused in (True, False):
+        out = jax.jit(
+            lambda x, k, s, fused=fused: jdc.modulated_conv(
+                x,
+                k,
+                s,
+                demodulate=demodulate,
+                up=up,
+                down=down,
+                padding=padding,
+                resample_filter=taps * 7,  # normalised to sum 1 inside, as NVIDIA's setup_filter
+                flip_weight=flip_weight,
+                fused=fused,
+            )
+        )(x, kernel, styles)
+        assert_close(out, expected, F32_RTOL, f"fused={fused} flip_weight={flip_weight}")
 
 
 @pytest.mark.parametrize("up_down", [(1, 1), (2, 1), (1, 2)])
@@ -128,16 +131,19 @@ def test_channels_first_takes_pytorch_layouts_and_noise() -> None:
     assert_close(np.asarray(expected) - np.asarray(plain), np.broadcast_to(noise, plain.shape), F32_RTOL)
 
 
-def test_half_precision_pre_normalisation_only_changes_epsilons_share() -> None:
-    """float16 with demodulation scales kernel and styles before modulating (NVIDIA's overflow guard); the
-    demodulation cancels it, so the result equals float32's to float16 rounding (2^-11 per op; the conv
-    sums 27 products, each with ~3 roundings: 1e-2 of the largest magnitude)."""
+def test_half_precision_pre_normalisation_keeps_the_non_fused_path_finite() -> None:
+    """float16 with demodulation scales kernel and styles before modulating (NVIDIA's overflow guard): with
+    styles of 1e5 the non-fused path's scaled activations (3 channels times 1e5 times ~3 kernel magnitude
+    summed over 27 taps) would pass float16's 65504 without it. Demodulation cancels the scaling, so the result
+    equals float32's to float16 rounding (2^-11 per op; the conv sums 27 products, each with ~3 roundings:
+    1e-2 of the largest magnitude)."""
     x, kernel, styles = _arrays(2, 3)
-    big = 1e3 * styles
-    out16 = jdc.modulated_conv(x.astype(np.float16), kernel, big, padding=1)
-    assert out16.dtype == jnp.float16
-    assert np.all(np.isfinite(np.asarray(out16)))
-    assert_close(out16, jdc.modulated_conv(x, kernel, big, padding=1), 1e-2)
+    big = 1e5 * styles
+    expected = jdc.modulated_conv(x, kernel, big, padding=1)
+    for fused in (False, "auto", True):
+        out16 = jdc.modulated_conv(x.astype(np.float16), kernel, big, padding=1, fused=fused)
+        assert out16.dtype == jnp.float16
+        assert_close(out16, expected, 1e-2, f"fused={fused}")
 
 
 @pytest.mark.parametrize(

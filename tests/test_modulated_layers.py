@@ -153,6 +153,10 @@ def test_layer_errors_name_the_argument() -> None:
         jdc_nnx.ModulatedConv(IN, OUT, (3, 3), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"`inputs` must have 3 channels"):
         jdc_nnx.ModulatedConv(IN, OUT, (3, 3), latent_features=LATENT, rngs=nnx.Rngs(0))(x[..., :2], latents)
+    with pytest.raises(ValueError, match=r'`noise_mode` must be "random", "const" or "none", got \'bogus\''):
+        layer.apply(variables, x, latents, noise_mode="bogus")
+    with pytest.raises(ValueError, match=r"`kernel_size` 3 is an int, but an NNX layer creates its kernel"):
+        jdc_nnx.ModulatedConv(IN, OUT, 3, latent_features=LATENT, rngs=nnx.Rngs(0))
     noisy = linen.ModulatedConv(features=OUT, kernel_size=3, use_noise=True)
     with pytest.raises(ValueError, match=r'`noise_mode` "const" needs `noise_shape` \(6, 6\)'):
         noisy.init(jax.random.key(0), x, latents, noise_mode="const")

@@ -10,16 +10,16 @@ The originals' names::
     noise_const (*noise_shape)       <-> constants noise_const          with ``use_noise`` and ``noise_shape``
     resample_filter (f, f)           <-> none: the layer's ``resample_filter``    SynthesisLayer (``demodulate``)
 
-``resample_filter`` is a buffer of ``SynthesisLayer`` (demodulated), not of ``ToRGBLayer``: its shape is
-checked on load and its value is the layer's own filter (``setup_filter``: normalised, 2-D outer product below
-8 taps) on export.
+``resample_filter`` is a buffer of ``SynthesisLayer`` (demodulated), not of ``ToRGBLayer``: on load it must equal
+the layer's own filter (``setup_filter``: normalised, 2-D outer product below 8 taps; a different one is an
+error naming both), and that filter is what export writes.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from jdynconv import _modulated, _resample
+from jdynconv import _checks, _modulated, _resample
 from jdynconv import linen as jdc_linen
 from jdynconv import nnx as jdc_nnx
 from jdynconv.interop._convert import Converter, FlaxShapes, TorchShapes, register
@@ -96,6 +96,7 @@ def modulated_conv_rules(
                 None,
                 Permutation(tuple(range(resample_filter.ndim))),
                 default=resample_filter,
+                check_value=True,
             )
         )
     return rules
@@ -115,7 +116,7 @@ def _filter_buffer(demodulate: bool, resample_filter: object, num_spatial: int) 
 def _linen_rules(
     module: jdc_linen.ModulatedConv, in_features: DimLike, latent: DimLike, num_spatial: int | None
 ) -> list[Rule]:
-    if isinstance(module.kernel_size, int):
+    if _checks.is_int(module.kernel_size):
         rank = num_spatial or 2
         kernel_size: tuple[DimLike, ...] = (module.kernel_size,) * rank
     else:

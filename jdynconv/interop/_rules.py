@@ -104,7 +104,8 @@ class Rule:
     """One PyTorch key: its expected shape, its Flax :class:`Target` and the layout between them.
 
     ``target=None`` is a PyTorch key with no Flax counterpart (``num_batches_tracked``): optional when
-    loading (its shape is checked if present, its value ignored) and written as ``default`` on export.
+    loading (its shape is checked if present, its value ignored unless ``check_value``, then it must equal
+    ``default`` within float32 rounding) and written as ``default`` on export.
     """
 
     torch_key: str
@@ -112,6 +113,7 @@ class Rule:
     target: Target | None
     layout: Permutation
     default: np.ndarray | None = None
+    check_value: bool = False
 
     @property
     def flax_shape(self) -> ShapeSpec:
@@ -185,7 +187,8 @@ class StateDictError(ValueError):
     Attributes:
       missing: expected keys that are absent.
       unexpected: keys that no rule accounts for.
-      mismatched: ``(key, expected shape, received shape)`` for every shape mismatch.
+      mismatched: ``(key, expected shape, received shape)`` for every shape mismatch, and ``(key, expected
+        value, received value)`` for a fixed value (a ``check_value`` rule's) that differs.
       not_float: ``(key, dtype)`` for values that should be floating point and are not.
     """
 
@@ -206,7 +209,7 @@ class StateDictError(ValueError):
             for items, label, plural in (
                 (missing, "missing key", "missing keys"),
                 (unexpected, "unexpected key", "unexpected keys"),
-                (mismatched, "shape mismatch", "shape mismatches"),
+                (mismatched, "mismatch", "mismatches"),
                 (not_float, "value not floating point", "values not floating point"),
             )
             if items
@@ -214,7 +217,7 @@ class StateDictError(ValueError):
         lines = [f"{what}: " + ", ".join(counts) + "."]
         lines += [f"  missing key: {item}" for item in missing]
         lines += [f"  unexpected key: {item}" for item in unexpected]
-        lines += [f"  shape mismatch: {key}: expected {want}, got {got}" for key, want, got in mismatched]
+        lines += [f"  mismatch: {key}: expected {want}, got {got}" for key, want, got in mismatched]
         lines += [f"  not floating point: {key}: dtype {dtype}" for key, dtype in not_float]
         super().__init__("\n".join(lines))
 
@@ -325,6 +328,10 @@ def flax_from_torch(
         value = arrays[rule.torch_key]
         if not shape_matches(rule.torch_shape, value.shape):
             mismatched.append((rule.torch_key, format_shape(rule.torch_shape), format_shape(value.shape)))
+        elif rule.check_value and not np.allclose(value, rule.default, rtol=1e-6, atol=0):
+            mismatched.append(
+                (rule.torch_key, f"the module's {np.asarray(rule.default).tolist()}", f"{value.tolist()}")
+            )
         elif rule.target is not None and not _is_float(value.dtype):
             not_float.append((rule.torch_key, str(value.dtype)))
         elif rule.target is not None:
