@@ -137,7 +137,7 @@ def test_a_checkpoint_with_another_filter_is_refused() -> None:
     other = nvidia.ModulatedConvLayer(IN, OUT, LATENT, resolution=RES, up=2, resample_filter=(1, 2, 2, 1))
     module = linen.ModulatedConv(features=OUT, kernel_size=3, up=2, use_noise=True, noise_shape=(RES, RES))
     state_dict = {key: value.detach().numpy() for key, value in other.state_dict().items()}
-    with pytest.raises(interop.StateDictError, match=r"mismatch: resample_filter: expected the module's"):
+    with pytest.raises(interop.StateDictError, match=r"value mismatch: resample_filter: expected the module's"):
         interop.torch_to_linen(module, state_dict)
     matching = linen.ModulatedConv(
         features=OUT, kernel_size=3, up=2, use_noise=True, noise_shape=(RES, RES), resample_filter=(1, 2, 2, 1)

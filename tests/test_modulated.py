@@ -110,7 +110,7 @@ def test_gradients_match_finite_differences(up_down) -> None:
             def f(x, k, s, fused=fused):
                 return jdc.modulated_conv(x, k, s, up=up, down=down, padding=1, fused=fused)
 
-            check_grads(f, (x, kernel, styles), order=1, modes=("rev",), eps=1e-4)
+            check_grads(jax.jit(f), (x, kernel, styles), order=1, modes=("rev",), eps=1e-4)
 
 
 def test_channels_first_takes_pytorch_layouts_and_noise() -> None:

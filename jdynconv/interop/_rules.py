@@ -187,8 +187,9 @@ class StateDictError(ValueError):
     Attributes:
       missing: expected keys that are absent.
       unexpected: keys that no rule accounts for.
-      mismatched: ``(key, expected shape, received shape)`` for every shape mismatch, and ``(key, expected
-        value, received value)`` for a fixed value (a ``check_value`` rule's) that differs.
+      mismatched: ``(key, expected shape, received shape)`` for every shape mismatch.
+      different: ``(key, expected value, received value)`` for a fixed value (a ``check_value`` rule's) that
+        differs.
       not_float: ``(key, dtype)`` for values that should be floating point and are not.
     """
 
@@ -199,17 +200,20 @@ class StateDictError(ValueError):
         unexpected: Sequence[str],
         mismatched: Sequence[tuple[str, str, str]],
         not_float: Sequence[tuple[str, str]],
+        different: Sequence[tuple[str, str, str]] = (),
     ) -> None:
         self.missing = list(missing)
         self.unexpected = list(unexpected)
         self.mismatched = list(mismatched)
         self.not_float = list(not_float)
+        self.different = list(different)
         counts = [
             f"{len(items)} {label if len(items) == 1 else plural}"
             for items, label, plural in (
                 (missing, "missing key", "missing keys"),
                 (unexpected, "unexpected key", "unexpected keys"),
-                (mismatched, "mismatch", "mismatches"),
+                (mismatched, "shape mismatch", "shape mismatches"),
+                (different, "value mismatch", "value mismatches"),
                 (not_float, "value not floating point", "values not floating point"),
             )
             if items
@@ -217,7 +221,8 @@ class StateDictError(ValueError):
         lines = [f"{what}: " + ", ".join(counts) + "."]
         lines += [f"  missing key: {item}" for item in missing]
         lines += [f"  unexpected key: {item}" for item in unexpected]
-        lines += [f"  mismatch: {key}: expected {want}, got {got}" for key, want, got in mismatched]
+        lines += [f"  shape mismatch: {key}: expected {want}, got {got}" for key, want, got in mismatched]
+        lines += [f"  value mismatch: {key}: expected {want}, got {got}" for key, want, got in different]
         lines += [f"  not floating point: {key}: dtype {dtype}" for key, dtype in not_float]
         super().__init__("\n".join(lines))
 
@@ -318,7 +323,7 @@ def flax_from_torch(
       StateDictError: listing every missing key, unexpected key, shape mismatch and non-float value.
     """
     arrays = {key: to_numpy(value) for key, value in state_dict.items()}
-    missing, mismatched, not_float = [], [], []
+    missing, mismatched, not_float, different = [], [], [], []
     slices: dict[str, np.ndarray] = {}
     for rule in rules:
         if rule.torch_key not in arrays:
@@ -329,17 +334,15 @@ def flax_from_torch(
         if not shape_matches(rule.torch_shape, value.shape):
             mismatched.append((rule.torch_key, format_shape(rule.torch_shape), format_shape(value.shape)))
         elif rule.check_value and not np.allclose(value, rule.default, rtol=1e-6, atol=0):
-            mismatched.append(
-                (rule.torch_key, f"the module's {np.asarray(rule.default).tolist()}", f"{value.tolist()}")
-            )
+            different.append((rule.torch_key, f"the module's {np.asarray(rule.default).tolist()}", f"{value.tolist()}"))
         elif rule.target is not None and not _is_float(value.dtype):
             not_float.append((rule.torch_key, str(value.dtype)))
         elif rule.target is not None:
             slices[rule.torch_key] = _cast(rule.layout.to_flax(value), dtype(rule.target.key))
     known = {rule.torch_key for rule in rules}
     unexpected = [f"{key} (shape {format_shape(value.shape)})" for key, value in arrays.items() if key not in known]
-    if missing or unexpected or mismatched or not_float:
-        raise StateDictError(f"Cannot load the PyTorch {what}", missing, unexpected, mismatched, not_float)
+    if missing or unexpected or mismatched or not_float or different:
+        raise StateDictError(f"Cannot load the PyTorch {what}", missing, unexpected, mismatched, not_float, different)
     flat = {}
     for key, group in _stacks(rules).items():
         if group[0].target is not None and group[0].target.index is None:
