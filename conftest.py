@@ -16,6 +16,11 @@ inherit it):
   fast-math flags), so values stay within the same rounding that the tolerances allow across CPUs.
   Measured: 43% less time for ``test_channels_first_is_the_pytorch_layout``'s 80 compile-bound cases,
   10% more for the 200-step training run. An ``--xla_backend_optimization_level`` in ``XLA_FLAGS`` is kept.
+
+And one ordering: **the longest tests first** (:func:`pytest_collection_modifyitems`). pytest-xdist hands
+tests to its workers in collection order, which put the minute-long subprocess and training tests
+(``tests/trainer``, ``tests/spmd``) last, where one worker ran them alone while the other had finished.
+Started first, they overlap the rest of the suite.
 """
 
 from __future__ import annotations
@@ -51,3 +56,16 @@ def pytest_configure(config: pytest.Config) -> None:
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+LONGEST_FIRST = ("tests/trainer/test_sharding.py", "tests/spmd/", "tests/trainer/test_train_cli.py", "tests/trainer/")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Moves the longest tests (subprocesses with forced devices, training runs) to the front, stably."""
+
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if path.startswith(prefix)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)
