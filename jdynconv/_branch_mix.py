@@ -30,7 +30,8 @@ import numpy as np
 from flax.nnx.nn.dtypes import promote_dtype
 from jax import lax
 
-from jdynconv import _batch_norm, _batch_parallel, _checks, _conv_spec, _gates, _im2col
+from jdynconv import _batch_norm, _checks, _gates
+from jdynconv._lowering import batch_parallel, canonical, im2col
 from jdynconv.functional import conv_spec, mix_outputs
 
 METHODS: tuple[str, ...] = ("auto", "fused", "chunked")
@@ -78,7 +79,7 @@ def branch_mix(
     mean: jax.Array,
     var: jax.Array,
     *,
-    spec: _conv_spec.ConvSpec,
+    spec: canonical.ConvSpec,
     training: bool,
     norm: _batch_norm.NormConfig,
     activation: _gates.Activation,
@@ -99,7 +100,7 @@ def branch_mix(
     groups = spec.feature_group_count
     k = params.scale.shape[0]
     kernel = fused_kernel(params.kernel, groups)
-    out = _conv_spec.shared_conv(inputs, kernel, spec, groups)
+    out = canonical.shared_conv(inputs, kernel, spec, groups)
     if params.bias is not None:
         out = out + _batch_norm.per_channel(_to_fused(params.bias, groups).astype(out.dtype), out.ndim)
     fused = [_to_fused(p, groups) for p in (params.scale, params.offset, mean, var)]
@@ -114,10 +115,10 @@ def _map_chunks(fn: Callable[..., Any], xs: tuple[jax.Array, ...], shared: tuple
 
     Not ``lax.map(..., batch_size=)``: that vmaps a per-sample function, whose size-1 batch axes put
     XLA:CPU's fusions on a slow path (6x slower here). Under SPMD each device loops over its own shard of
-    the batch (:func:`_batch_parallel.map_batch_shards`); ``shared`` (parameters, statistics) is every
+    the batch (:func:`batch_parallel.map_batch_shards`); ``shared`` (parameters, statistics) is every
     device's whole.
     """
-    return _batch_parallel.map_batch_shards(
+    return batch_parallel.map_batch_shards(
         lambda *args: _map_local_chunks(fn, args[: len(xs)], args[len(xs) :], chunk), xs, shared
     )
 
@@ -142,7 +143,7 @@ def branch_mix_chunked(
     mean: jax.Array,
     var: jax.Array,
     *,
-    spec: _conv_spec.ConvSpec,
+    spec: canonical.ConvSpec,
     training: bool,
     norm: _batch_norm.NormConfig,
     activation: _gates.Activation,
@@ -161,14 +162,14 @@ def branch_mix_chunked(
     groups = spec.feature_group_count
     k, features = params.scale.shape
     batch = inputs.shape[0]
-    out_spatial = _conv_spec.output_spatial_shape(inputs.shape[1:-1], params.kernel.shape[1:-2], spec)
+    out_spatial = canonical.output_spatial_shape(inputs.shape[1:-1], params.kernel.shape[1:-2], spec)
     positions = int(np.prod(out_spatial))
     stats_dtype = _batch_norm.statistics_dtype(inputs.dtype)
     # A chunk holds its branch outputs and, for the kernel gradient, its im2col patches: size it by the
     # larger (many input channels and few outputs make the patches the larger).
     outputs_bytes = positions * k * features * jnp.dtype(stats_dtype).itemsize
     patch_bytes = positions * int(np.prod(params.kernel.shape[1:-2])) * inputs.shape[-1] * inputs.dtype.itemsize
-    chunk = _im2col.chunk_size(batch, max(outputs_bytes, patch_bytes))
+    chunk = im2col.chunk_size(batch, max(outputs_bytes, patch_bytes))
     # At least 2 samples when there are 2: chunks of one sample differentiate into other primitives
     # (size-1 axes), so the program would change with k (at the seed's shape, k = 32 -> 1 sample).
     chunk = min(batch, max(chunk, 2))
@@ -186,7 +187,7 @@ def branch_mix_chunked(
 
     def branch_outputs(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
         """The chunk's fused conv, ``(c, *out, k * F)``; its kernel gradient is a matmul (fast in a loop)."""
-        out = _im2col.shared_conv_matmul_kernel_grad(x, kernel.astype(x.dtype), spec, groups)
+        out = im2col.shared_conv_matmul_kernel_grad(x, kernel.astype(x.dtype), spec, groups)
         return out if bias is None else out + _batch_norm.per_channel(bias.astype(out.dtype), out.ndim)
 
     if training:
@@ -232,7 +233,7 @@ def branch_mix_rematerialised(
     mean: jax.Array,
     var: jax.Array,
     *,
-    spec: _conv_spec.ConvSpec,
+    spec: canonical.ConvSpec,
     training: bool,
     norm: _batch_norm.NormConfig,
     activation: _gates.Activation,
@@ -249,7 +250,7 @@ def branch_mix_rematerialised(
     @jax.checkpoint
     def add_branch(total: jax.Array, branch: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         kernel, bias, scale, offset, branch_mean, branch_var, weight = branch
-        out = _im2col.shared_conv_matmul_kernel_grad(inputs, kernel, spec, groups)
+        out = im2col.shared_conv_matmul_kernel_grad(inputs, kernel, spec, groups)
         if bias is not None:
             out = out + _batch_norm.per_channel(bias.astype(out.dtype), out.ndim)
         normalised, stats = _batch_norm.batch_norm(
@@ -258,7 +259,7 @@ def branch_mix_rematerialised(
         weight = weight.astype(total.dtype).reshape((-1,) + (1,) * (total.ndim - 1))
         return total + weight * activation(normalised).astype(total.dtype), stats
 
-    out_spatial = _conv_spec.output_spatial_shape(inputs.shape[1:-1], params.kernel.shape[1:-2], spec)
+    out_spatial = canonical.output_spatial_shape(inputs.shape[1:-1], params.kernel.shape[1:-2], spec)
     out_dtype = spec.preferred_element_type or inputs.dtype
     # zeros_like: inside a shard_map the carry then varies over the same mesh axes as the inputs.
     total = jnp.zeros_like(inputs, shape=(inputs.shape[0], *out_spatial, params.scale.shape[1]), dtype=out_dtype)

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax.nnx.nn.dtypes import promote_dtype
 
-from jdynconv import _checks, _conv_spec, _gates
+from jdynconv import _checks, _gates
+from jdynconv._lowering import canonical
 from jdynconv.functional import METHODS, conv_spec, mix_kernels, mix_outputs, per_sample_conv
 
 Mixing = Literal["auto", "mix_kernels", "mix_outputs"]
@@ -93,7 +94,7 @@ def mixed_conv(
         precision=config.precision,
     )
     if mixing == "auto":
-        out_positions = math.prod(_conv_spec.output_spatial_shape(inputs.shape[1:-1], kernel_size, spec))
+        out_positions = math.prod(canonical.output_spatial_shape(inputs.shape[1:-1], kernel_size, spec))
         mixing = choose_mixing(jax.default_backend(), k, inputs.shape[0], out_positions)
     mixed_bias = mix_kernels(bias_bank, routing, precision=config.precision) if bias_bank is not None else None
     if mixing == "mix_kernels":
@@ -113,7 +114,7 @@ def mixed_conv(
     # grouping gives each expert its own grouped conv, then a per-sample weighted sum over k.
     split = bank.reshape(k, *kernel_size, bank.shape[-2], groups, out_channels // groups)
     fused = jnp.moveaxis(split, 0, -2).reshape(*kernel_size, bank.shape[-2], k * out_channels)
-    out = _conv_spec.shared_conv(inputs, fused, spec, groups)
+    out = canonical.shared_conv(inputs, fused, spec, groups)
     out = out.reshape(*out.shape[:-1], groups, k, out_channels // groups)
     out = mix_outputs(out, routing.astype(out.dtype), axis=out.ndim - 2).reshape(*out.shape[:-3], out_channels)
     if mixed_bias is not None:

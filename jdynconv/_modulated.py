@@ -25,7 +25,8 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jdynconv import _checks, _conv_spec, _resample, _transpose, functional
+from jdynconv import _checks, _resample, _transpose, functional
+from jdynconv._lowering import canonical
 
 Fused = bool | Literal["auto"]
 
@@ -208,7 +209,7 @@ def _shared_conv(precision: Any) -> ConvFn:
         kernel_dilation: Sequence[int] | None = None,
     ) -> jax.Array:
         num_spatial = x.ndim - 2
-        spec = _conv_spec.ConvSpec(
+        spec = canonical.ConvSpec(
             strides=_checks.canonicalize_ints(strides, num_spatial, "strides"),
             pads=tuple(padding),
             kernel_dilation=tuple(kernel_dilation or (1,) * num_spatial),
@@ -216,7 +217,7 @@ def _shared_conv(precision: Any) -> ConvFn:
             feature_group_count=1,
             precision=precision,
         )
-        return _conv_spec.shared_conv(x, k, spec, 1)
+        return canonical.shared_conv(x, k, spec, 1)
 
     return conv
 

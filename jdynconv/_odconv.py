@@ -49,7 +49,8 @@ import jax
 import jax.numpy as jnp
 from flax.nnx.nn.dtypes import promote_dtype
 
-from jdynconv import _batch_norm, _checks, _conv_spec, _gates
+from jdynconv import _batch_norm, _checks, _gates
+from jdynconv._lowering import canonical
 from jdynconv.functional import METHODS, conv_spec, mix_kernels, per_sample_conv
 
 PLACEMENTS: tuple[str, ...] = ("auto", "kernel", "activations")
@@ -321,7 +322,7 @@ def od_conv(
         feature_group_count=groups,
         precision=config.precision,
     )
-    out_positions = math.prod(_conv_spec.output_spatial_shape(spatial_shape, kernel_size, spec))
+    out_positions = math.prod(canonical.output_spatial_shape(spatial_shape, kernel_size, spec))
     per_sample_kernel = spatial is not None or expert is not None or config.attention_placement == "kernel"
     kernel_elements = math.prod(kernel_size) * group_in * features
     channel_on_kernel = filter_on_kernel = per_sample_kernel and config.attention_placement == "kernel"
@@ -352,7 +353,7 @@ def od_conv(
             method=config.method,
         )
     else:
-        out = _conv_spec.shared_conv(inputs, bank[0], spec, groups)
+        out = canonical.shared_conv(inputs, bank[0], spec, groups)
     if filter_ is not None and not filter_on_kernel:
         out = out * filter_.reshape(batch, *(1,) * num_spatial, features)
     if bias is not None:

@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jdynconv import _batch_parallel, _checks, _conv_spec, _lowerings
+from jdynconv import _checks, _lowering
+from jdynconv._lowering import auto, batch_parallel, canonical
 
 DataFormat = Literal["channels_last", "channels_first"]
 Method = Literal["auto", "vmap", "grouped", "scan", "im2col", "direct", "hybrid", "depthwise"]
 
-METHODS: tuple[str, ...] = ("auto", *_lowerings.LOWERINGS)
+METHODS: tuple[str, ...] = ("auto", *_lowering.LOWERINGS)
 DATA_FORMATS: tuple[str, ...] = ("channels_last", "channels_first")
 
 
@@ -60,7 +61,7 @@ def per_sample_conv(
       precision: passed to the underlying conv/matmul, as in ``jax.lax``.
       preferred_element_type: accumulation and output dtype, as in ``jax.lax``.
       method: ``"auto"`` (fastest correct lowering for the backend; see
-        :func:`jdynconv._lowerings.choose_lowering`), ``"vmap"`` (reference semantics), ``"grouped"``,
+        :func:`jdynconv._lowering.auto.choose_lowering`), ``"vmap"`` (reference semantics), ``"grouped"``,
         ``"scan"``, ``"im2col"``, ``"direct"``, ``"hybrid"`` or ``"depthwise"`` (a multiply-add per kernel tap,
         for ``C_in // G == 1``; its program grows with ``C_in // G`` otherwise). All compute the same function.
 
@@ -116,27 +117,27 @@ def per_sample_conv(
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
-    lowering = _lowerings.choose_lowering(jax.default_backend()) if method == "auto" else _lowerings.LOWERINGS[method]
+    lowering = auto.choose_lowering(jax.default_backend()) if method == "auto" else _lowering.LOWERINGS[method]
     if batch == 0:
         # An empty batch has an empty result; the lowerings' reshapes and B * G groups cannot express it.
-        out_spatial = _conv_spec.output_spatial_shape(spatial, kernel_size, spec)
+        out_spatial = canonical.output_spatial_shape(spatial, kernel_size, spec)
         out = jnp.zeros((0, *out_spatial, out_channels), preferred_element_type or inputs.dtype)
         out = jnp.moveaxis(out, -1, 1) if channels_first else out
     else:
-        out = _batch_parallel.map_batch_shards(_in_layout(lowering, channels_first, spec), (inputs, kernels))
+        out = batch_parallel.map_batch_shards(_in_layout(lowering, channels_first, spec), (inputs, kernels))
     if bias is not None:
         bias = broadcastable_bias(bias, batch, out_channels, inputs.dtype, num_spatial).astype(out.dtype)
         out = out + (jnp.moveaxis(bias, -1, 1) if channels_first else bias)
     return out
 
 
-def _in_layout(lowering: _conv_spec.Lowering, channels_first: bool, spec: _conv_spec.ConvSpec) -> Any:
+def _in_layout(lowering: canonical.Lowering, channels_first: bool, spec: canonical.ConvSpec) -> Any:
     """``lowering`` as a function of ``(inputs, kernels)`` in the caller's layout: its channels-first form
     where it has one, else transposes around it."""
     if not channels_first:
         return lambda inputs, kernels: lowering(inputs, kernels, spec)
-    if lowering in _lowerings.CHANNELS_FIRST_FORMS:
-        return lambda inputs, kernels: _lowerings.CHANNELS_FIRST_FORMS[lowering](inputs, kernels, spec)
+    if lowering in _lowering.CHANNELS_FIRST_FORMS:
+        return lambda inputs, kernels: _lowering.CHANNELS_FIRST_FORMS[lowering](inputs, kernels, spec)
 
     def transposed(inputs: jax.Array, kernels: jax.Array) -> jax.Array:
         out = lowering(jnp.moveaxis(inputs, 1, -1), jnp.moveaxis(kernels, (1, 2), (-1, -2)), spec)
@@ -156,7 +157,7 @@ def conv_spec(
     feature_group_count: int,
     precision: Any = None,
     preferred_element_type: Any = None,
-) -> _conv_spec.ConvSpec:
+) -> canonical.ConvSpec:
     """Validates and canonicalises conv hyper-parameters for inputs of ``spatial`` shape.
 
     Raises if the (dilated) kernel does not fit the padded input. Shared by every jdynconv layer.
@@ -181,7 +182,7 @@ def conv_spec(
         kernel_dilation=kernel_dilation_t,
         input_dilation=input_dilation_t,
     )
-    return _conv_spec.ConvSpec(
+    return canonical.ConvSpec(
         strides=strides_t,
         pads=pads,
         kernel_dilation=kernel_dilation_t,

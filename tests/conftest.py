@@ -1,7 +1,7 @@
 """Strict JAX settings for every test: bugs that silent promotion or broadcasting hide fail loudly.
 
 Hypothesis draws new examples on every local run (that is how the lhs_dilation abort in
-``_conv_spec.shared_conv`` was found); under CI (``CI`` set) it replays a fixed derivation so a red
+``canonical.shared_conv`` was found); under CI (``CI`` set) it replays a fixed derivation so a red
 run can be reproduced exactly.
 """
 

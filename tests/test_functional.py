@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import jdynconv as jdc
-from jdynconv import _im2col
+from jdynconv._lowering import im2col
 from jdynconv.functional import DATA_FORMATS, METHODS
 from tests import reference
 from tests.helpers import F32_RTOL, assert_close, equation_operand_shapes, equation_params
@@ -96,7 +96,7 @@ CASES = [
         _geo((1, 2, 1), ((0, 0),) * 3),
     ),
     Case("3d_same", 2, 2, 2, (3, 4, 4), (3, 3, 3), {}, _geo((1, 1, 1), ((1, 1),) * 3)),
-    # XLA:CPU aborted the process compiling lax's input gradient of this one (see _conv_spec.shared_conv).
+    # XLA:CPU aborted the process compiling lax's input gradient of this one (see canonical.shared_conv).
     Case(
         "2d_input_dilation_strided",
         2,
@@ -253,7 +253,7 @@ def _scalar_loss(case: Case, method: str):
 def reoriented_kernel_grad(monkeypatch: pytest.MonkeyPatch) -> None:
     """``im2col``'s reoriented kernel gradient (a custom JVP) on every case, grouped ones included; by its
     rule only large, split, ungrouped batches take it, none of the small test cases."""
-    monkeypatch.setattr(_im2col, "reorients_kernel_grad", lambda *args: True)
+    monkeypatch.setattr(im2col, "reorients_kernel_grad", lambda *args: True)
 
 
 @pytest.mark.parametrize("method", ["im2col", "direct"])  # direct takes im2col's derivatives, this one included

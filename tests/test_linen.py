@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from jdynconv import _branch_mix, _im2col
+from jdynconv import _branch_mix
+from jdynconv._lowering import im2col
 from jdynconv.linen import BranchMixConv
 from tests import reference
 from tests.helpers import F32_RTOL, assert_close
@@ -219,7 +220,7 @@ def test_remat_keeps_training_memory_flat_in_k() -> None:
 
 def _force_chunks_of_two(monkeypatch: pytest.MonkeyPatch, bytes_per_sample: int) -> None:
     """Make ``method="chunked"`` split a small test batch into chunks of 2 samples."""
-    monkeypatch.setattr(_im2col, "_CHUNK_BYTES", 2 * bytes_per_sample)
+    monkeypatch.setattr(im2col, "_CHUNK_BYTES", 2 * bytes_per_sample)
 
 
 @pytest.mark.parametrize("lowering", LOWERINGS[1:], ids=LOWERING_IDS[1:])
@@ -373,7 +374,7 @@ def test_chunked_with_a_partial_last_chunk(monkeypatch: pytest.MonkeyPatch, trai
     variables = _randomise(module.init(jax.random.key(0), x, use_running_average=True), seed=4)
     per_sample = int(np.prod(spatial)) * attributes["num_branches"] * attributes["features"] * 4
     _force_chunks_of_two(monkeypatch, per_sample)  # branch outputs (36 * 12) outweigh the patches (36 * 27)
-    assert _im2col.chunk_size(5, per_sample) == 2
+    assert im2col.chunk_size(5, per_sample) == 2
     out, updates = module.apply(variables, x, use_running_average=not training, mutable=["batch_stats"])
     stats = variables["batch_stats"]
     expected, batch_mean, batch_var = reference.branch_mix(

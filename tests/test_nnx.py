@@ -11,9 +11,9 @@ import optax
 import pytest
 from flax import nnx
 
-from jdynconv import _im2col
 from jdynconv import linen as jl
 from jdynconv import nnx as jn
+from jdynconv._lowering import im2col
 
 
 def _linen_and_nnx(attributes: dict[str, Any], x: np.ndarray, **nnx_kwargs: Any):
@@ -106,7 +106,7 @@ def test_nnx_chunked_equals_linen_fused(monkeypatch: pytest.MonkeyPatch) -> None
     attributes = {"features": 4, "kernel_size": 3, "num_branches": 3}
     x = np.random.default_rng(4).standard_normal((5, 6, 6, 2)).astype(np.float32)
     _, variables, nnx_module = _linen_and_nnx({**attributes, "method": "chunked"}, x, input_shape=(6, 6))
-    monkeypatch.setattr(_im2col, "_CHUNK_BYTES", 2 * 36 * 9 * 2 * 4)  # two samples' im2col patches
+    monkeypatch.setattr(im2col, "_CHUNK_BYTES", 2 * 36 * 9 * 2 * 4)  # two samples' im2col patches
     fused = jl.BranchMixConv(**attributes, method="fused")
     expected, updates = fused.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
     nnx_module.train()

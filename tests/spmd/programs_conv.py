@@ -19,7 +19,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import jdynconv as jdc
 from benchmarks._compiled import moved_bytes, temp_bytes
-from jdynconv import _lowerings
+from jdynconv import _lowering
+from jdynconv._lowering import methods
 
 BATCH = 16  # 2 samples a device on 8 devices
 
@@ -111,7 +112,7 @@ def main() -> None:
         report[f"{name} value and gradients"] = case(value_and_grads(conv(name)), sharded, single)
 
     # Every method, through the same mechanism.
-    for method in _lowerings.LOWERINGS:
+    for method in _lowering.LOWERINGS:
         name = "2d depthwise" if method == "depthwise" else "2d"
         single = arrays(name)
         sharded = split(data, PartitionSpec("data"), *single)
@@ -166,7 +167,7 @@ def main() -> None:
     single = arrays("2d")
     spec = jdc.functional.conv_spec((16, 16), (3, 3), **_spec_arguments(strides=2))
     report["control: bare vmap lowering"] = case(
-        lambda x, w, b: _lowerings.conv_vmap(x, w, spec), split(data, PartitionSpec("data"), *single), single
+        lambda x, w, b: methods.conv_vmap(x, w, spec), split(data, PartitionSpec("data"), *single), single
     )
     print("REPORT", json.dumps(report))
 

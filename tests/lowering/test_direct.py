@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdynconv import _conv_spec, _direct
+from jdynconv._lowering import canonical, direct
 from jdynconv.functional import conv_spec, per_sample_conv
 from tests import reference
 from tests.helpers import assert_close, equation_params
@@ -32,7 +32,7 @@ class DirectCase:
     extra_rows: int
     loop_steps: int  # 0: the batch is smaller than a step, no loop
 
-    def spec(self) -> _conv_spec.ConvSpec:
+    def spec(self) -> canonical.ConvSpec:
         return conv_spec(
             self.spatial,
             self.kernel_size,
@@ -63,7 +63,7 @@ DIRECT_CASES = [
 @pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: c.name)
 def test_direct_matches_reference_through_its_loop_and_extra_rows(case: DirectCase, data_format: str) -> None:
     spec = case.spec()
-    assert _direct.direct_extra_rows(case.spatial, case.kernel_size, spec) == case.extra_rows
+    assert direct.direct_extra_rows(case.spatial, case.kernel_size, spec) == case.extra_rows
     rng = np.random.default_rng(1)
     groups = spec.feature_group_count
     x = rng.standard_normal((case.batch, *case.spatial, case.in_channels)).astype(np.float32)
@@ -102,7 +102,7 @@ def _ynnpack_convolutions(compiled_hlo: str) -> tuple[int, int]:
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="YNNPACK is XLA:CPU's")
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 def test_direct_keeps_2d_convs_from_ynnpack(data_format: str) -> None:
-    """The reason for the extra rows (see :func:`_direct.conv_direct_sample`), checked on XLA's program.
+    """The reason for the extra rows (see :func:`direct.conv_direct_sample`), checked on XLA's program.
 
     If this fails after a jax upgrade, XLA changed which convs it hands to YNNPACK: re-measure ``direct``.
     """
@@ -111,13 +111,13 @@ def test_direct_keeps_2d_convs_from_ynnpack(data_format: str) -> None:
     x = jnp.ones((16, *case.spatial, 24), jnp.float32)  # YNNPACK takes convs of more than 16 channels
     w = jnp.ones((16, *case.kernel_size, 24, 24), jnp.float32)
     if data_format == "channels_last":
-        direct = functools.partial(_direct.conv_direct, spec=spec)
+        lowered = functools.partial(direct.conv_direct, spec=spec)
     else:
         x, w = jnp.moveaxis(x, -1, 1), jnp.moveaxis(w, (-1, -2), (1, 2))
-        direct = functools.partial(_direct.conv_direct_channels_first, spec=spec)
-    in_ynnpack, total = _ynnpack_convolutions(jax.jit(direct).lower(x, w).compile().as_text())
+        lowered = functools.partial(direct.conv_direct_channels_first, spec=spec)
+    in_ynnpack, total = _ynnpack_convolutions(jax.jit(lowered).lower(x, w).compile().as_text())
     assert (in_ynnpack, total) == (0, 8)  # one conv per sample of the 8-sample step, none in YNNPACK
     # And the check can fail: the same per-sample conv without the extra row goes to YNNPACK.
     x1, w1 = jnp.ones((1, *case.spatial, 24), jnp.float32), jnp.ones((*case.kernel_size, 24, 24), jnp.float32)
-    plain = jax.jit(lambda x, w: _conv_spec.shared_conv(x, w, spec, 1)).lower(x1, w1).compile().as_text()
+    plain = jax.jit(lambda x, w: canonical.shared_conv(x, w, spec, 1)).lower(x1, w1).compile().as_text()
     assert _ynnpack_convolutions(plain) == (1, 1)

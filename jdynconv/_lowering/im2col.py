@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jdynconv._conv_spec import ConvDims, ConvSpec, Lowering, output_spatial_shape, shared_conv
-from jdynconv._tangent_lowering import with_tangent_lowering
+from jdynconv._lowering.canonical import ConvDims, ConvSpec, Lowering, output_spatial_shape, shared_conv
+from jdynconv._lowering.tangent import with_tangent_lowering
 
 
 def tap_views(inputs: jax.Array, kernel_size: tuple[int, ...], spec: ConvSpec, first_spatial: int) -> list[jax.Array]:

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import jdynconv as jdc
-from jdynconv import _conv_spec, _depthwise, _lowerings
+from jdynconv import _lowering
+from jdynconv._lowering import auto, canonical, depthwise
 from tests import reference
 from tests.helpers import F32_RTOL, assert_close, equation_params
 
@@ -74,7 +75,7 @@ def _in_layout(data_format: str, **kwargs):
 def test_matches_float64_reference_forward_and_gradients(case, data_format, chunk, monkeypatch) -> None:
     """Values and both gradients; with chunks of 2 the batch of 5 or 3 runs as a loop with a ragged last sample."""
     if chunk is not None:
-        monkeypatch.setattr(_depthwise, "chunk_size", lambda batch, sample_bytes: chunk)
+        monkeypatch.setattr(depthwise, "chunk_size", lambda batch, sample_bytes: chunk)
     _, batch, spatial, in_channels, out_channels, kernel_size, kwargs, geometry = case
     x, w = _arrays(batch, spatial, in_channels, out_channels, kernel_size, geometry.groups, seed=1)
     out, vjp = jax.vjp(_in_layout(data_format, **kwargs), x, w)
@@ -141,8 +142,8 @@ def test_chunk_is_about_two_mib_of_input_and_output(spatial, in_channels, out_ch
     n = len(spatial)
     inputs = jax.ShapeDtypeStruct((batch, *spatial, in_channels), jnp.float32)
     kernels = jax.ShapeDtypeStruct((batch, *(3,) * n, 1, out_channels), jnp.float32)
-    spec = _conv_spec.ConvSpec((1,) * n, ((1, 1),) * n, (1,) * n, (1,) * n, in_channels)
-    assert _depthwise.depthwise_chunk(inputs, kernels, spec, channels_first=False) == expected
+    spec = canonical.ConvSpec((1,) * n, ((1, 1),) * n, (1,) * n, (1,) * n, in_channels)
+    assert depthwise.depthwise_chunk(inputs, kernels, spec, channels_first=False) == expected
 
 
 @pytest.mark.parametrize(
@@ -167,21 +168,21 @@ def test_depthwise_rule(spatial, in_channels, out_channels, groups, expected, ch
     else:
         inputs = jax.ShapeDtypeStruct((8, *spatial, in_channels), jnp.float32)
         kernels = jax.ShapeDtypeStruct((8, *(3,) * n, in_channels // groups, out_channels), jnp.float32)
-    assert _lowerings.uses_depthwise(inputs, kernels, channels_first=channels_first) is expected
+    assert auto.uses_depthwise(inputs, kernels, channels_first=channels_first) is expected
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 def test_cpu_auto_takes_depthwise_for_2d_depthwise_convs_only(data_format: str) -> None:
     """Read from ``auto``'s CPU program: multiply-adds only for a 2-D depthwise conv, matmuls for a 1-D one."""
     channels_first = data_format == "channels_first"
-    auto = _lowerings.CHANNELS_FIRST_FORMS[_lowerings.conv_cpu_auto] if channels_first else _lowerings.conv_cpu_auto
+    cpu_auto = _lowering.CHANNELS_FIRST_FORMS[auto.conv_cpu_auto] if channels_first else auto.conv_cpu_auto
 
     def matmuls(spatial: tuple[int, ...]) -> int:
         n = len(spatial)
         x = jnp.ones((2, 4, *spatial) if channels_first else (2, *spatial, 4), jnp.float32)
         w = jnp.ones((2, 4, 1, *(3,) * n) if channels_first else (2, *(3,) * n, 1, 4), jnp.float32)
-        spec = _conv_spec.ConvSpec((1,) * n, ((1, 1),) * n, (1,) * n, (1,) * n, 4)
-        fn = functools.partial(auto, spec=spec)
+        spec = canonical.ConvSpec((1,) * n, ((1, 1),) * n, (1,) * n, (1,) * n, 4)
+        fn = functools.partial(cpu_auto, spec=spec)
         return len(equation_params("dot_general", fn, x, w)) + len(equation_params("conv_general_dilated", fn, x, w))
 
     assert matmuls((5, 6)) == 0

@@ -2,15 +2,15 @@
 
 In a depthwise conv (``C_in // G == 1``: each output channel reads one input channel) ``im2col``'s
 contraction degenerates to G matmuls of width one, and XLA's own grouped conv is slow on CPU. Here every
-kernel tap's strided view of the input (:func:`_im2col.tap_views`) is multiplied by that tap's weights,
+kernel tap's strided view of the input (:func:`im2col.tap_views`) is multiplied by that tap's weights,
 broadcast over the positions, and the products are summed: elementwise work XLA fuses into one loop,
 and whose plain autodiff (pads of the cotangent for the input gradient, one sum over positions per tap
 for the kernel gradient) needs no custom derivative, so forward mode, ``jax.hessian`` and ``vmap`` keep
 working. With ``C_in // G = c > 1`` it is also correct, a multiply-add per tap and per input channel of a
 group (``c`` times the program); ``auto`` takes it only for ``c == 1``.
 
-The batch runs in chunks of about :data:`_im2col._CHUNK_BYTES` of a sample's input and output
-(:func:`_im2col.map_in_chunks`, each step checkpointed), so the backward pass's per-tap sums read data
+The batch runs in chunks of about :data:`im2col._CHUNK_BYTES` of a sample's input and output
+(:func:`im2col.map_in_chunks`, each step checkpointed), so the backward pass's per-tap sums read data
 that is still in cache. Products are summed in float32 at least (float32 for bfloat16 and float16
 inputs, the ``preferred_element_type`` if one is given) and cast to the output dtype at the end;
 ``precision`` has no effect, since no matmul or conv is involved.
@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from jdynconv._batch_norm import statistics_dtype
-from jdynconv._conv_spec import ConvDims, ConvSpec, output_spatial_shape
-from jdynconv._im2col import chunk_size, map_in_chunks, tap_views
+from jdynconv._lowering.canonical import ConvDims, ConvSpec, output_spatial_shape
+from jdynconv._lowering.im2col import chunk_size, map_in_chunks, tap_views
 
 
 def _accumulation_dtype(dtype: jnp.dtype, spec: ConvSpec) -> jnp.dtype:
@@ -78,7 +78,7 @@ def conv_depthwise_sample_channels_first(inputs: jax.Array, kernels: jax.Array, 
 
 
 def depthwise_chunk(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec, *, channels_first: bool) -> int:
-    """Samples a step: about :data:`_im2col._CHUNK_BYTES` of one sample's input and output (in the
+    """Samples a step: about :data:`im2col._CHUNK_BYTES` of one sample's input and output (in the
     accumulation dtype): 4 at B64, 64 channels, 32x32. There (2 cores, 3x3 and 7x7, both layouts, medians
     of 5) fwd+bwd with 2, 4 or 8 samples a step was within 12% of the best, 1 and 16 4%-22% slower, and
     the whole batch at once 1.8x-3.4x slower. The forward alone of the 3x3 channels-last conv ran faster as

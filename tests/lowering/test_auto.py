@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jdynconv import _conv_spec, _lowerings
+from jdynconv import _lowering
+from jdynconv._lowering import auto, canonical, methods
 from tests.helpers import equation_params
 
 
@@ -38,8 +39,8 @@ def test_direct_rule(spatial, in_channels, out_channels, strides, groups, dtype,
     else:
         inputs = jax.ShapeDtypeStruct((64, *spatial, in_channels), dtype)
         kernels = jax.ShapeDtypeStruct((64, *(3,) * n, in_channels // groups, out_channels), dtype)
-    spec = _conv_spec.ConvSpec((strides,) * n, ((1, 1),) * n, (1,) * n, (1,) * n, groups)
-    assert _lowerings.uses_direct(inputs, kernels, spec, channels_first=channels_first) is expected
+    spec = canonical.ConvSpec((strides,) * n, ((1, 1),) * n, (1,) * n, (1,) * n, groups)
+    assert auto.uses_direct(inputs, kernels, spec, channels_first=channels_first) is expected
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
@@ -49,8 +50,8 @@ def test_cpu_auto_takes_direct_where_the_rule_says(data_format: str, monkeypatch
     channels_first = data_format == "channels_first"
     x = jnp.ones((3, 2, 5, 6) if channels_first else (3, 5, 6, 2), jnp.float32)
     w = jnp.ones((3, 4, 2, 3, 3) if channels_first else (3, 3, 3, 2, 4), jnp.float32)
-    spec = _conv_spec.ConvSpec((1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
-    auto = _lowerings.CHANNELS_FIRST_FORMS[_lowerings.conv_cpu_auto] if channels_first else _lowerings.conv_cpu_auto
+    spec = canonical.ConvSpec((1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
+    cpu_auto = _lowering.CHANNELS_FIRST_FORMS[auto.conv_cpu_auto] if channels_first else auto.conv_cpu_auto
     asked = []
 
     def convs(answer: bool) -> int:
@@ -58,8 +59,8 @@ def test_cpu_auto_takes_direct_where_the_rule_says(data_format: str, monkeypatch
             asked.append(channels_first)
             return answer
 
-        monkeypatch.setattr(_lowerings, "uses_direct", rule)
-        return len(equation_params("conv_general_dilated", functools.partial(auto, spec=spec), x, w))
+        monkeypatch.setattr(auto, "uses_direct", rule)
+        return len(equation_params("conv_general_dilated", functools.partial(cpu_auto, spec=spec), x, w))
 
     assert convs(True) == 3
     assert convs(False) == 0
@@ -67,6 +68,6 @@ def test_cpu_auto_takes_direct_where_the_rule_says(data_format: str, monkeypatch
 
 
 def test_auto_rule_by_backend() -> None:
-    assert _lowerings.choose_lowering("cpu") is _lowerings.conv_cpu_auto
-    assert _lowerings.choose_lowering("gpu") is _lowerings.conv_grouped_im2col_grad
-    assert _lowerings.choose_lowering("tpu") is _lowerings.conv_grouped_im2col_grad
+    assert auto.choose_lowering("cpu") is auto.conv_cpu_auto
+    assert auto.choose_lowering("gpu") is methods.conv_grouped_im2col_grad
+    assert auto.choose_lowering("tpu") is methods.conv_grouped_im2col_grad

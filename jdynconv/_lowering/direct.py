@@ -14,16 +14,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# ``_im2col.reorients_kernel_grad`` is looked up on the module at call time, so a test patching it there
+# ``im2col.reorients_kernel_grad`` is looked up on the module at call time, so a test patching it there
 # reaches ``direct`` too (a name imported from it would not).
-from jdynconv import _im2col
-from jdynconv._conv_spec import ConvSpec, Lowering, output_spatial_shape, shared_conv
-from jdynconv._im2col import (
+from jdynconv._lowering import im2col
+from jdynconv._lowering.canonical import ConvSpec, Lowering, output_spatial_shape, shared_conv
+from jdynconv._lowering.im2col import (
     conv_im2col_chunked,
     conv_im2col_chunked_channels_first,
     conv_im2col_chunked_kernel_tangent,
 )
-from jdynconv._tangent_lowering import with_tangent_lowering
+from jdynconv._lowering.tangent import with_tangent_lowering
 
 # Samples a step of the ``direct`` lowering's ``lax.map``, each its own conv in the step's body (2 cores,
 # jax 0.10.2, channels last, forward, 2026-11-21; 2, 4, 8 and 16 a step): 2d-a 10.2 / 6.8 / 6.7 / 7.7 ms, the
@@ -74,7 +74,7 @@ def conv_direct_sample_channels_first(inputs: jax.Array, kernels: jax.Array, spe
 
     Transposed one sample at a time, in the loop: XLA:CPU's convolution is fast channels last only (a
     channels-first conv per sample ran 15x-70x slower), and transposing the whole batch cost more than
-    the convolution in an earlier measurement (see :func:`_im2col.conv_im2col_sample_channels_first`).
+    the convolution in an earlier measurement (see :func:`im2col.conv_im2col_sample_channels_first`).
     """
     out = conv_direct_sample(jnp.moveaxis(inputs, 0, -1), jnp.moveaxis(kernels, (0, 1), (-1, -2)), spec)
     return jnp.moveaxis(out, -1, 0)
@@ -124,7 +124,7 @@ conv_direct_channels_first_im2col_grad = with_tangent_lowering(
 
 def conv_direct_method(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
     """The ``direct`` method (channels last): values from :func:`conv_direct`, derivatives from ``im2col``
-    (its kernel gradient reoriented where :func:`_im2col.reorients_kernel_grad` says so)."""
-    if _im2col.reorients_kernel_grad(inputs, kernels, spec):
+    (its kernel gradient reoriented where :func:`im2col.reorients_kernel_grad` says so)."""
+    if im2col.reorients_kernel_grad(inputs, kernels, spec):
         return conv_direct_reoriented_kernel_grad(inputs, kernels, spec)
     return conv_direct_im2col_grad(inputs, kernels, spec)

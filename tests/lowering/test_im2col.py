@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdynconv import _conv_spec, _im2col
+from jdynconv._lowering import canonical, im2col
 from jdynconv.functional import conv_spec
 from tests import reference
 from tests.helpers import assert_close
@@ -24,7 +24,7 @@ def test_shared_conv_with_matmul_kernel_grad(spatial, kernel_size, in_channels, 
     spec = conv_spec(
         spatial, kernel_size, strides=stride, padding=1, kernel_dilation=1, input_dilation=1, feature_group_count=groups
     )
-    fn = jax.jit(lambda x, k: _im2col.shared_conv_matmul_kernel_grad(x, k, spec, groups))
+    fn = jax.jit(lambda x, k: im2col.shared_conv_matmul_kernel_grad(x, k, spec, groups))
     out, vjp = jax.vjp(fn, x, kernel)
     geo = reference.Geometry(spec.strides, spec.pads, spec.kernel_dilation, spec.input_dilation, groups)
     per_sample = np.broadcast_to(kernel, (3, *kernel.shape))
@@ -52,5 +52,5 @@ def test_shared_conv_with_matmul_kernel_grad(spatial, kernel_size, in_channels, 
 def test_reoriented_kernel_grad_rule(batch: int, spatial: tuple[int, ...], channels: int, groups: int, expected: bool):
     inputs = jax.ShapeDtypeStruct((batch, *spatial, channels), jnp.float32)
     kernels = jax.ShapeDtypeStruct((batch, 3, 3, channels // groups, channels), jnp.float32)
-    spec = _conv_spec.ConvSpec((1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), groups)
-    assert _im2col.reorients_kernel_grad(inputs, kernels, spec) is expected
+    spec = canonical.ConvSpec((1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), groups)
+    assert im2col.reorients_kernel_grad(inputs, kernels, spec) is expected

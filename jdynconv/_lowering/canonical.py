@@ -1,9 +1,10 @@
-"""The canonical description of one convolution (:class:`ConvSpec`, the sizes rules read as :class:`ConvDims`,
-:func:`output_spatial_shape`), the ``Lowering`` signature, and XLA's own convolution on it (:func:`shared_conv`).
+"""The canonical description of one convolution (:class:`ConvSpec`, the sizes rules read as
+:class:`ConvDims`, :func:`output_spatial_shape`), the ``Lowering`` signature, and XLA's own convolution on
+it (:func:`shared_conv`).
 
-Every lowering (``_lowerings``, ``_im2col``, ``_direct``) takes canonical arguments: channels-last
-``inputs`` ``(B, *spatial, C_in)``, kernels ``(B, *kernel_size, C_in // G, C_out)`` and a :class:`ConvSpec`
-with explicit pads, and returns ``(B, *out_spatial, C_out)`` without bias.
+Every lowering (:mod:`.methods`, :mod:`.im2col`, :mod:`.direct`, :mod:`.depthwise`) takes canonical
+arguments: channels-last ``inputs`` ``(B, *spatial, C_in)``, kernels ``(B, *kernel_size, C_in // G, C_out)``
+and a :class:`ConvSpec` with explicit pads, and returns ``(B, *out_spatial, C_out)`` without bias.
 """
 
 from __future__ import annotations

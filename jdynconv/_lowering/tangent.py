@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from jdynconv._conv_spec import ConvSpec, Lowering
+from jdynconv._lowering.canonical import ConvSpec, Lowering
 
 
 def with_tangent_lowering(primal: Lowering, tangent: Lowering, kernel_tangent: Lowering | None = None) -> Lowering:
