@@ -1,0 +1,73 @@
+"""Sphinx configuration: MyST Markdown pages, the API reference from the docstrings (autodoc, Google style
+through napoleon), and every Python block run by the doctest builder.
+
+Build (from the repository root, with the ``docs`` extra installed)::
+
+    sphinx-build -W -b html docs docs/_build/html       # the site; warnings are errors
+    sphinx-build -W -b doctest docs docs/_build/doctest # runs every code block, checks printed output
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from docutils import nodes
+from sphinx.application import Sphinx
+from sphinx.util import logging
+
+import jdynconv
+
+project = "jdynconv"
+author = "the jdynconv developers"
+copyright = "2026, the jdynconv developers"  # noqa: A001 (Sphinx's name)
+release = jdynconv.__version__
+version = release
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.doctest",
+    "sphinx.ext.viewcode",
+]
+source_suffix = {".md": "markdown"}
+exclude_patterns = ["_build"]
+myst_enable_extensions = ["colon_fence"]
+myst_heading_anchors = 3
+# The benchmark reports (docs/results, a link to benchmarks/results) are generated with "#" then "###"
+# headings; their level jump is the generators' layout, not a page error.
+suppress_warnings = ["myst.header"]
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+# Shown by name: jax.typing.ArrayLike expands to an eight-member union otherwise.
+autodoc_type_aliases = {"ArrayLike": "jax.typing.ArrayLike"}
+autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_ivar = True  # "Attributes:" as a field list: autodoc documents the dataclass fields once
+
+# Code blocks are ``{testcode}`` blocks, run in page order in one namespace a page; ``{testoutput}`` after
+# one is compared with what it printed.
+doctest_global_setup = "import jax\njax.config.update('jax_platforms', 'cpu')"
+doctest_test_doctest_blocks = ""
+highlight_language = "python3"
+
+html_theme = "furo"
+html_title = f"jdynconv {release}"
+html_static_path: list[str] = []
+
+_logger = logging.getLogger(__name__)
+
+
+def _python_blocks_must_run(app: Sphinx, doctree: nodes.document) -> None:
+    """A Python block that the doctest builder would not run is an error (under ``-W``): write it as
+    ``{testcode}``, so every snippet on the site is executed."""
+    for block in doctree.findall(nodes.literal_block):
+        if block.get("language") in {"python", "python3", "py"} and "testnodetype" not in block:
+            _logger.warning("a Python block that is not run: write it as {testcode}", location=block)
+
+
+def setup(app: Sphinx) -> dict[str, Any]:
+    app.connect("doctree-read", _python_blocks_must_run)
+    return {"parallel_read_safe": True}
