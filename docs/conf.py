@@ -19,7 +19,7 @@ import jdynconv
 
 project = "jdynconv"
 author = "the jdynconv developers"
-copyright = "2026, the jdynconv developers"  # noqa: A001 (Sphinx's name)
+copyright = "2026, the jdynconv developers"
 release = jdynconv.__version__
 version = release
 

@@ -39,8 +39,8 @@ def conv_depthwise_sample(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec)
 
     Output channel ``o`` belongs to group ``o // (O // G)`` and reads that group's input channels, as in
     ``lax.conv_general_dilated``. Every product keeps the channels as its one minor axis (a group's input
-    repeated for its ``O // G`` outputs): with a trailing axis of size ``O // G`` instead, fwd+bwd ran 1.5x-1.6x
-    slower (B64, 64 channels, 32x32, 3x3 and 7x7).
+    repeated for its ``O // G`` outputs): with a trailing axis of size ``O // G`` instead, fwd+bwd ran markedly
+    slower (a one-process probe at B64, 64 channels, 32x32, 3x3 and 7x7).
     """
     *kernel_size, group_in, out_channels = kernels.shape
     groups = spec.feature_group_count
@@ -79,10 +79,10 @@ def conv_depthwise_sample_channels_first(inputs: jax.Array, kernels: jax.Array, 
 
 def depthwise_chunk(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec, *, channels_first: bool) -> int:
     """Samples a step: about :data:`im2col._CHUNK_BYTES` of one sample's input and output (in the
-    accumulation dtype): 4 at B64, 64 channels, 32x32. There (2 cores, 3x3 and 7x7, both layouts, medians
-    of 5) fwd+bwd with 2, 4 or 8 samples a step was within 12% of the best, 1 and 16 4%-22% slower, and
-    the whole batch at once 1.8x-3.4x slower. The forward alone of the 3x3 channels-last conv ran faster as
-    one batch (8.9 vs 16.4 ms), which one chunk size for both passes leaves on the table."""
+    accumulation dtype): 4 at B64, 64 channels, 32x32. In a one-process probe there (3x3 and 7x7, both
+    layouts), fwd+bwd with 2, 4 or 8 samples a step was close to the best, 1 and 16 slower, and the whole
+    batch at once much slower. The forward alone of the 3x3 channels-last conv ran faster as one
+    batch, which one chunk size for both passes leaves on the table."""
     dims = ConvDims.of(inputs, kernels, channels_first=channels_first)
     out_positions = math.prod(output_spatial_shape(dims.spatial, dims.kernel_size, spec))
     itemsize = _accumulation_dtype(inputs.dtype, spec).itemsize

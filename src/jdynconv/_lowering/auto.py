@@ -1,7 +1,7 @@
 """``method="auto"``: which lowering :func:`jdynconv.per_sample_conv` takes, by backend and shape.
 
 The CPU bounds come from ``benchmarks/per_sample_conv.py`` (its ``direct``, ``im2col`` and ``depthwise``
-columns, ``benchmarks/results/per_sample_conv_cpu.md`` and, with ``--grid depthwise``,
+columns, ``docs/results/per_sample_conv_cpu.md`` and, with ``--grid depthwise``,
 ``per_sample_conv_depthwise_cpu.md``); the docs' Performance page explains each rule with those figures.
 """
 
@@ -86,7 +86,7 @@ def choose_lowering(backend: str) -> Lowering:
       :data:`im2col.PER_SAMPLE_MATMUL_MACS` multiply-adds (:func:`uses_direct`), else ``im2col``. Both take
       their derivatives from im2col's matmuls: the direct-conv lowerings' autodiff kernel gradient is XLA:CPU's
       masked batch-group conv (``vmap``, ``grouped``) or a per-sample conv (``scan``), one to two orders of
-      magnitude slower (benchmarks/results/per_sample_conv_cpu.md).
+      magnitude slower (docs/results/per_sample_conv_cpu.md).
     * GPU/TPU: values from ``grouped`` (one cuDNN/TPU grouped conv), derivatives from ``im2col``,
       which avoids the batch-group kernel gradient reported slow on GPU (jax issue 13800).
     """

@@ -180,7 +180,7 @@ def use_fused(up: int, down: int, out_positions: int) -> bool:
     """The ``fused="auto"`` rule: per-sample kernels, except without resampling on small maps (at most
     ``FUSED_MIN_POSITIONS`` output positions a sample), where one shared conv is the faster program. The shared
     conv's kernel gradient is XLA:CPU's, several times slower than per_sample_conv's on larger maps, so the rule
-    follows the training step (``benchmarks/modulated_conv.py``, ``benchmarks/results/families/``); for
+    follows the training step (``benchmarks/modulated_conv.py``, ``docs/results/families/``); for
     inference on large maps ``fused=False`` can be the faster forward."""
     return up > 1 or down > 1 or out_positions > FUSED_MIN_POSITIONS
 

@@ -380,8 +380,13 @@ class DynamicConv(_ExpertBank):
     """The NNX twin of :class:`jdynconv.linen.DynamicConv` (same variables under the same names).
 
     Args:
-      in_features: C_in; features; kernel_size: one int per spatial dim; num_experts: k; ratio: the
-      attention's hidden width ``int(C_in * ratio) + 1``. The rest as the linen layer.
+      in_features: C_in.
+      features: C_out.
+      kernel_size: one int per spatial dim.
+      num_experts: k.
+      ratio: the attention's hidden width is ``int(C_in * ratio) + 1``.
+
+    The other arguments are the linen layer's attributes.
     """
 
     def __init__(

@@ -28,9 +28,11 @@ from jdynconv.functional import METHODS, conv_spec, mix_kernels, mix_outputs, pe
 Mixing = Literal["auto", "mix_kernels", "mix_outputs"]
 MIXINGS: tuple[str, ...] = ("auto", "mix_kernels", "mix_outputs")
 
-# The per-sample conv's measured cost relative to XLA's shared-kernel conv of the same multiply-adds
-# (CPU, 2 cores: im2col per-sample conv forward ran 1.7x-3.4x PyTorch's oneDNN, XLA's shared conv
-# ~1.5x): mixing outputs pays k times the arithmetic, mixing kernels pays this factor.
+# The per-sample conv's cost relative to XLA's shared-kernel conv of the same multiply-adds: mixing outputs
+# pays k times the arithmetic, mixing kernels pays this factor. The CPU value came from a one-process probe
+# against PyTorch's oneDNN, where the im2col per-sample forward was a few times slower and XLA's shared conv
+# less so; benchmarks/xla_floor.py times the ratio itself (docs/results/xla_floor_cpu.md, auto / floor
+# column), and benchmarks/kernel_mixing.py the choice (kernel_mixing_cpu.md, mix_kernels and mix_outputs).
 _PER_SAMPLE_OVERHEAD = {"cpu": 2.5}
 _DEFAULT_OVERHEAD = 1.5
 
@@ -40,8 +42,8 @@ def choose_mixing(backend: str, num_experts: int, batch: int, out_positions: int
 
     ``mix_outputs`` costs ``k * B * P`` units (one unit = one output position's worth of ``|W|``
     multiply-adds in a shared conv); ``mix_kernels`` costs ``overhead * B * P + B * k`` (the per-sample
-    conv at its measured overhead, plus mixing the bank). So ``mix_outputs`` wins only for k below the
-    overhead (k = 1, or k = 2 on CPU) or when P is tiny.
+    conv at its overhead, :data:`_PER_SAMPLE_OVERHEAD`, plus mixing the bank). So ``mix_outputs`` wins only
+    for k below the overhead (k = 1, or k = 2 on CPU) or when P is tiny.
     """
     overhead = _PER_SAMPLE_OVERHEAD.get(backend, _DEFAULT_OVERHEAD)
     shared_cost = num_experts * batch * out_positions

@@ -34,7 +34,7 @@ attention): large feature maps (early layers) fold, small ones with many channel
 activations. With one expert and a 1x1 kernel there is no per-sample kernel (the original's
 ``_forward_impl_pw1x``): one shared conv with both attentions on the activations. ``benchmarks/odconv.py`` times
 both placements on both sides of the crossover (64 channels, 3x3, 4 experts at 32x32, 16x16 and 8x8;
-``benchmarks/results/odconv/odconv_cpu.md``): the measured crossover is where the rule puts it for the forward
+``docs/results/odconv/odconv_cpu.md``): the crossover it finds is where the rule puts it for the forward
 and for training steps that need the input's gradient (every layer but the first); a step that does not (a
 first layer, the benchmark's ``train`` pass) favours folding a little further, down to 16x16 there.
 """

@@ -20,7 +20,7 @@ from jdynconv.functional import mix_kernels as mix_kernels
 from jdynconv.functional import mix_outputs as mix_outputs
 from jdynconv.functional import per_sample_conv as per_sample_conv
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "__version__",

@@ -3,7 +3,8 @@
 The ``prod(kernel_size)`` shifted views of the padded input (the patches) are contracted with each
 sample's kernel. Forward and both gradients are matmuls, the gradients far faster on CPU than autodiff
 through a conv's. Large per-sample matmuls (G = 1) run two samples a step (a ``lax.map`` of matmuls
-batched over 2; a matmul batched over many large samples ran ~3.8x slower at 2d-c-like sizes); small ones
+batched over 2; a matmul batched over many large samples is several times slower: ``benchmarks/xla_floor.py``,
+``docs/results/xla_floor_cpu.md``, per-sample and batched matmul columns, 2d-c); small ones
 run in batched chunks sized so each chunk's patches stay in cache. When the batch is split, patches are
 recomputed in the backward pass. Channels last, when the batch is split, G = 1 and a sample has at least
 128 output positions, the kernel gradient is contracted from channel-major patches (a custom JVP,
@@ -56,8 +57,8 @@ def tap_views(inputs: jax.Array, kernel_size: tuple[int, ...], spec: ConvSpec, f
 def extract_patches(inputs: jax.Array, kernel_size: tuple[int, ...], spec: ConvSpec) -> jax.Array:
     """The receptive field of every output position: ``(B, *S, C) -> (B, *out, prod(kernel_size) * C)``.
 
-    Tap-major (index ``tap * C + c``). The tap views concatenated on the channel axis (measured 1.6x
-    faster on XLA:CPU than stacking on a new axis and reshaping).
+    Tap-major (index ``tap * C + c``). The tap views concatenated on the channel axis (faster on XLA:CPU
+    than stacking on a new axis and reshaping, in a one-process probe).
     """
     views = tap_views(inputs, kernel_size, spec, first_spatial=1)
     return jnp.concatenate(views, axis=-1) if len(views) > 1 else views[0]
@@ -70,9 +71,10 @@ def _contract_kwargs(spec: ConvSpec) -> dict[str, Any]:
 def conv_im2col_sample(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
     """One sample's patches contracted with its kernel: ``(*S, C), (*k, C // G, O) -> (*out, O)``.
 
-    Unbatched, so a caller picks the batching: XLA:CPU hands an unbatched matmul to its fast GEMM
-    (measured 345 GFLOP/s on 2 cores for 8192x2304x256) and a matmul batched over many samples to a
-    slower path (91 GFLOP/s for the same FLOPs as 128 matmuls of 64x2304x256).
+    Unbatched, so a caller picks the batching: XLA:CPU hands an unbatched matmul to its fast GEMM and a
+    matmul batched over many samples to a path several times slower for the same FLOPs (a one-process
+    probe, one 8192x2304x256 matmul against 128 of 64x2304x256; ``xla_floor_cpu.md``'s per-sample and
+    batched matmul columns compare the two on the benchmark's shapes).
     """
     *kernel_size, group_in, out_channels = kernels.shape
     groups = spec.feature_group_count
@@ -95,7 +97,7 @@ def conv_im2col_sample_channels_first(inputs: jax.Array, kernels: jax.Array, spe
 
     The kernel's own ``(O, C // G * T)`` flattening times patches stacked as ``(C * T, positions)``:
     no transpose of inputs, kernels or output. Transposing PyTorch-layout arguments to channels-last
-    instead cost more than the convolution (B128, 128 channels, 1-D k5: 23-46 ms against 8-13 ms).
+    instead cost more than the convolution (a one-process probe at 1d-b: B128, 128 channels, 1-D k5).
     """
     out_channels, group_in, *kernel_size = kernels.shape
     groups = spec.feature_group_count
@@ -120,8 +122,8 @@ def conv_im2col_sample_kernel_tangent(inputs: jax.Array, kernels: jax.Array, spe
     over their first axis. JAX transposes this (as a function of the kernel) into a contraction of those
     ``(C * T, positions)`` patches with the cotangent ``(positions, O)`` over positions, the contracted axis
     the patches' minor one. The transpose of :func:`conv_im2col_sample` contracts its ``(positions, T * C)``
-    patches over their major axis instead, which XLA:CPU ran at 0.6x the speed (B64, 64 -> 64 channels,
-    32x32, 3x3, two samples a step: 52 vs 31 ms for the matmuls alone on ready-made patches).
+    patches over their major axis instead, which XLA:CPU ran markedly slower (a one-process probe of the
+    matmuls alone on ready-made patches: B64, 64 -> 64 channels, 32x32, 3x3, two samples a step).
     """
     *kernel_size, group_in, out_channels = kernels.shape
     groups = spec.feature_group_count
@@ -146,22 +148,22 @@ def conv_im2col(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Ar
     return jax.vmap(conv_im2col_sample, in_axes=(0, 0, None))(inputs, kernels, spec)
 
 
-# Patches of one chunk are kept around this size so they stay in a core's L2 cache; measured on 2
-# CPU cores (1 MiB L2 each): 1 to 4 MiB chunks were fastest for 1-D, 2-D and 3-D shapes.
+# Patches of one chunk are kept around this size so they stay in a core's L2 cache: in a one-process probe,
+# chunks of about a core's L2 size up to a few times it were fastest for 1-D, 2-D and 3-D shapes.
 _CHUNK_BYTES = 2 * 1024 * 1024
 
 # From this many multiply-adds per sample (G = 1), a few samples a step beat cache-sized batched chunks on
-# XLA:CPU (2 cores): one sample a step took 0.4x-0.6x the time at 2.6M-38M per sample, was within +-15%
-# at 0.05M-1.6M either way, and 1.6x-1.9x slower below 0.01M, where the loop's per-step cost dominates.
+# XLA:CPU (a one-process probe): one sample a step took about half the time on samples well above this
+# size, was level with the chunks around it, and slower on tiny samples, where the loop's per-step cost
+# dominates.
 PER_SAMPLE_MATMUL_MACS = 1 << 20
 
-# How many such samples a step. Two rather than one (2 cores, jax 0.10.2, both layouts, fwd, fwd+bwd
-# and fwd + kernel gradient, 2026-11-21): 2d-a (B64, 32 channels, 32x32) fwd 8.1-8.6 vs 11.5-12.9 ms and
-# fwd + kernel gradient 17.9-18.8 vs 26.2-26.5 ms; 3d-a channels-last fwd 10.1 vs 15.1 ms; 1d-a fwd+bwd
-# 4.8-4.9 vs 5.2-5.4 ms; 1d-b forward 7.2-7.9 vs 8.8-9.8 ms; within noise on 2d-b, 2d-c and the kernel-mixing
-# conv (B64, 64 channels, 32x32), except its channels-last fwd+bwd (84 vs 73 ms, measured before that path
-# took the reoriented kernel gradient below). Four were slower again on 3d-a, 2d-c and the kernel-mixing
-# conv. Fewer, cheaper loop steps, each spread over both cores.
+# How many such samples a step. Two rather than one: faster on 2d-a (forward and forward + kernel
+# gradient), 3d-a (channels-last forward), 1d-a (fwd+bwd) and 1d-b (forward); within noise on 2d-b, 2d-c and
+# the kernel-mixing conv (B64, 64 channels, 32x32), except its channels-last fwd+bwd, where one was faster
+# before that path took the reoriented kernel gradient below. Four were slower again on 3d-a, 2d-c and the
+# kernel-mixing conv. Fewer, cheaper loop steps, each spread over the CPU's threads. Set by one-process
+# probes (both layouts; fwd, fwd+bwd and fwd + kernel gradient) on benchmarks/per_sample_conv.py's shapes.
 _LARGE_MATMUL_SAMPLES_PER_STEP = 2
 
 
@@ -227,12 +229,12 @@ conv_im2col_reoriented_kernel_grad = with_tangent_lowering(
     conv_im2col_chunked, conv_im2col_chunked, kernel_tangent=conv_im2col_chunked_kernel_tangent
 )
 
-# From this many output positions per sample the reoriented kernel gradient paid (2 cores, jax 0.10.2,
-# channels last, G = 1, 2026-11-21, new / old in one process, two runs): fwd + kernel gradient 0.84-0.88
-# and fwd+bwd 0.81-0.82 at B64, 64 -> 64 channels, 32x32, 3x3; fwd+bwd 0.78-0.85 at 3d-a (512 positions),
-# 0.93-0.96 at 1d-a (128); at 32-64 positions (1d-b, 2d-b, 2d-c) 0.92-1.15, so those keep one loop. In
-# those shapes many positions came with 32-64 channels and few with 128-256, so the rule cannot tell
-# which of the two decides; grouped convs were not measured and keep plain autodiff.
+# From this many output positions per sample the reoriented kernel gradient paid (channels last, G = 1,
+# new against old in one process, two runs): faster in fwd + kernel gradient and fwd+bwd at B64, 64 -> 64
+# channels, 32x32, 3x3, in fwd+bwd at 3d-a (512 positions) and, slightly, at 1d-a (128); at 32-64 positions
+# (1d-b, 2d-b, 2d-c) level or slower, so those keep one loop. In those shapes many positions came with 32-64
+# channels and few with 128-256, so the rule cannot tell which of the two decides; grouped convs were not
+# tried and keep plain autodiff.
 _REORIENTED_KERNEL_GRAD_POSITIONS = 128
 
 
@@ -271,8 +273,10 @@ def shared_conv_matmul_kernel_grad(
     """:func:`shared_conv` whose kernel derivative is the ``im2col`` contraction, not XLA's conv.
 
     Inside a ``lax.scan`` XLA:CPU's kernel-gradient conv is very slow: BranchMixConv's rematerialised
-    scan over 8 branches (B128, 3 -> 32 channels, 32x32) took 5.0 s for its gradient with it and 0.32 s
-    with this (jax 0.10.2, 2 cores). Costs ``prod(kernel_size)`` times the input in patches.
+    scan over 8 branches (B128, 3 -> 32 channels, 32x32) took over an order of magnitude longer for its
+    gradient with it than with this (a one-process probe; ``benchmarks/branch_mix.py`` times the result,
+    ``docs/results/branch_mix_cpu.md``, remat column). Costs ``prod(kernel_size)`` times the input in
+    patches.
     """
     spec = dataclasses.replace(spec, feature_group_count=feature_group_count)
     return _shared_conv_im2col_kernel_grad(inputs, kernel, spec)

@@ -114,9 +114,9 @@ def _map_chunks(fn: Callable[..., Any], xs: tuple[jax.Array, ...], shared: tuple
     samples, results concatenated along the batch; a last, smaller chunk takes the remainder.
 
     Not ``lax.map(..., batch_size=)``: that vmaps a per-sample function, whose size-1 batch axes put
-    XLA:CPU's fusions on a slow path (6x slower here). Under SPMD each device loops over its own shard of
-    the batch (:func:`batch_parallel.map_batch_shards`); ``shared`` (parameters, statistics) is every
-    device's whole.
+    XLA:CPU's fusions on a slow path (several times slower in a one-process probe). Under SPMD each device
+    loops over its own shard of the batch (:func:`batch_parallel.map_batch_shards`); ``shared``
+    (parameters, statistics) is every device's whole.
     """
     return batch_parallel.map_batch_shards(
         lambda *args: _map_local_chunks(fn, args[: len(xs)], args[len(xs) :], chunk), xs, shared
@@ -152,8 +152,8 @@ def branch_mix_chunked(
 
     The fused form writes the ``(B, *out, k * F)`` branch outputs to memory and reads them back for
     the statistics, the normalisation and the mix: on a CPU that memory traffic, not the conv, is
-    most of the time. Here each chunk of about 2 MiB of branch outputs is computed, reduced and
-    discarded: one pass over the chunks for the batch statistics (per-sample moments, combined
+    most of the time. Here each chunk of about :data:`im2col._CHUNK_BYTES` of branch outputs is computed,
+    reduced and discarded: one pass over the chunks for the batch statistics (per-sample moments, combined
     exactly with Chan's formula), one for the output; both checkpointed, so the backward pass
     recomputes the chunks instead of storing them. The conv runs twice (three times with the
     backward pass), but from cache. When one chunk would hold the whole batch this is
@@ -348,8 +348,10 @@ class BlockConfig:
 
 def choose_method(method: str, remat: bool, backend: str) -> Callable[..., Any]:
     """The lowering of the branches. ``"auto"``: ``remat=True`` -> the scan over branches; else on CPU
-    ``"chunked"`` (the fused form is memory-bound there: 3x slower to train, 5x in eval, at the seed's
-    shape), elsewhere ``"fused"`` (one large conv suits an accelerator; unmeasured, no GPU yet)."""
+    ``"chunked"`` (the fused form is memory-bound there: several times slower to train and in eval at the
+    seed's shape; ``benchmarks/branch_mix.py``, ``docs/results/branch_mix_cpu.md``, jdynconv and
+    jdynconv fused columns), elsewhere ``"fused"`` (one large conv suits an accelerator; not yet measured on
+    one)."""
     if remat:
         return branch_mix_rematerialised
     if method == "auto":

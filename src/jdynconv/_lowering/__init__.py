@@ -7,7 +7,9 @@ maps a lowering to its form taking and returning PyTorch's layout (``(B, C_in, *
 
 * ``vmap``: ``jax.vmap`` over ``lax.conv_general_dilated``, the reference semantics. JAX batches it
   into one grouped conv; its kernel gradient is a ``batch_group_count = B`` conv, which XLA:CPU
-  expands with a mask, so it gets slower with B (measured 50x-300x PyTorch on 2 CPU cores).
+  expands with a mask, so it gets slower with B: on most of the benchmark's shapes its backward pass is one
+  to two orders of magnitude slower than PyTorch's on CPU (``benchmarks/per_sample_conv.py``,
+  ``docs/results/per_sample_conv_cpu.md``, vmap column).
 * ``grouped``: the PyTorch trick written out (batch folded into channels, ``feature_group_count =
   B * G``). The same program as ``vmap`` after batching, kept because it is what cuDNN is fast at.
 * ``scan``: ``lax.map`` over the batch of an ordinary single-kernel conv (XLA:CPU's direct
@@ -17,7 +19,7 @@ maps a lowering to its form taking and returning PyTorch's layout (``(B, C_in, *
 * ``direct``: values from XLA's own convolution per sample, eight samples a ``lax.map`` step (each its own
   conv, so XLA:CPU runs them side by side), 2-D ones with unit stride along their first spatial dim kept
   from YNNPACK (:mod:`.direct`); derivatives from ``im2col`` (a custom JVP). The fastest CPU
-  forward measured where channels are few.
+  forward where channels are few (``per_sample_conv_cpu.md``, direct column).
 * ``depthwise``: a broadcast multiply-add per kernel tap (:mod:`.depthwise`), plain autodiff; for
   depthwise convs (``C_in // G == 1``), correct for any G.
 * ``hybrid``: values from ``grouped``, derivatives from ``im2col`` (a custom JVP), for backends whose

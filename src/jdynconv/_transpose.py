@@ -12,7 +12,7 @@ so the transposed conv inherits its lowerings, its derivatives and its batch-par
   over the input with ``s - 1`` zeros between samples (``input_dilation``).
 
 ``benchmarks/per_sample_conv_transpose.py`` compares the two (results in
-``benchmarks/results/families/per_sample_conv_transpose_cpu.md``); the sub-pixel form is used wherever it applies.
+``docs/results/families/per_sample_conv_transpose_cpu.md``); the sub-pixel form is used wherever it applies.
 """
 
 from __future__ import annotations

@@ -60,10 +60,11 @@ def per_sample_conv(
       data_format: ``"channels_last"`` or ``"channels_first"``.
       precision: passed to the underlying conv/matmul, as in ``jax.lax``.
       preferred_element_type: accumulation and output dtype, as in ``jax.lax``.
-      method: ``"auto"`` (fastest correct lowering for the backend; see
-        :func:`jdynconv._lowering.auto.choose_lowering`), ``"vmap"`` (reference semantics), ``"grouped"``,
-        ``"scan"``, ``"im2col"``, ``"direct"``, ``"hybrid"`` or ``"depthwise"`` (a multiply-add per kernel tap,
-        for ``C_in // G == 1``; its program grows with ``C_in // G`` otherwise). All compute the same function.
+      method: ``"auto"`` (the fastest lowering measured for the backend and shape; the documentation's
+        Performance page says which it picks where), ``"vmap"`` (reference semantics), ``"grouped"``,
+        ``"scan"``, ``"im2col"``, ``"direct"``, ``"hybrid"`` or ``"depthwise"`` (a multiply-add per kernel
+        tap, for ``C_in // G == 1``; its program grows with ``C_in // G`` otherwise). All compute the same
+        function.
 
     Returns:
       ``(B, *out_spatial, C_out)`` for ``"channels_last"``, ``(B, C_out, *out_spatial)`` for
@@ -279,8 +280,8 @@ def mix_outputs(outputs: ArrayLike, weights: ArrayLike, axis: int = 1) -> jax.Ar
         )
     if weights.dtype != outputs.dtype:
         raise TypeError(f"`weights` must have the dtype of `outputs` ({outputs.dtype}), got {weights.dtype}.")
-    # Collapse to (B, [before], k, [after]) with no size-1 axes: XLA:CPU's YNNPACK reduction took ~12x
-    # longer on (B, H, W, 1, k, F) than on (B, H * W, k, F) (jax 0.10.2, 2 cores, 128 MiB input).
+    # Collapse to (B, [before], k, [after]) with no size-1 axes: XLA:CPU's YNNPACK reduction took an order of
+    # magnitude longer on (B, H, W, 1, k, F) than on (B, H * W, k, F) (a one-process probe).
     before = math.prod(outputs.shape[1:axis])
     after = math.prod(outputs.shape[axis + 1 :])
     batch, k = expected

@@ -102,5 +102,5 @@ class ConvDims:
 
     def matmul_macs(self, spec: ConvSpec) -> int:
         """One sample's multiply-adds as one (ungrouped) matmul; 0 for a grouped conv, which im2col contracts as
-        a matmul batched over its groups even per sample (its rules were measured for G == 1 only)."""
+        a matmul batched over its groups even per sample (its rules were set on G == 1 convs only)."""
         return self.patch_size(spec) * self.group_in * self.out_channels if spec.feature_group_count == 1 else 0

@@ -25,21 +25,19 @@ from jdynconv._lowering.im2col import (
 )
 from jdynconv._lowering.tangent import with_tangent_lowering
 
-# Samples a step of the ``direct`` lowering's ``lax.map``, each its own conv in the step's body (2 cores,
-# jax 0.10.2, channels last, forward, 2026-11-21; 2, 4, 8 and 16 a step): 2d-a 10.2 / 6.8 / 6.7 / 7.7 ms, the
-# kernel-mixing conv (B64, 64 -> 64, 32x32) 23.0 / 29.0 / 24.5 / 26.2 ms, 1d-b 7.5 / 6.1 / 5.6 / 5.7 ms: 8 was
-# fastest or within 2% on 2d-a and 1d-b, and within 7% of the best on the kernel-mixing conv. One a step
-# (``scan``) was 1.3x-1.6x slower than 8. Independent convs in one step are what XLA:CPU spreads over its
-# threads.
+# Samples a step of the ``direct`` lowering's ``lax.map``, each its own conv in the step's body. Of 2, 4, 8
+# and 16 a step (a one-process probe, channels last, forward), 8 was fastest or level with the best on 2d-a
+# and 1d-b and close to the best on the kernel-mixing conv (B64, 64 -> 64, 32x32); one a step (``scan``) was
+# slower than 8. Independent convs in one step are what XLA:CPU spreads over its threads.
 _DIRECT_SAMPLES_PER_STEP = 8
 
 # XLA:CPU (jax 0.10.2) hands a 2-D NHWC convolution to YNNPACK unless, among other things, its output is
 # larger than its input along a spatial dim (xla/backends/cpu/ynn_support.cc, IsConvolutionOpSupportedByYnn;
-# a workaround there, b/476207717). On these per-sample convs YNNPACK ran 1.1x-1.5x slower than XLA's own
-# (Eigen) convolution: forward, 8 a step, 2d-a 9.0 vs 6.7 ms, the kernel-mixing conv 35.9 vs 24.5 ms, 2d-c
-# 74 vs 65 ms. So a 2-D conv with unit stride along its first spatial dim computes enough extra output rows
-# to be larger than its input, and drops them, unless that would add more than 1 / _MAX_EXTRA_ROWS_SHARE
-# of the work. Correct either way; only the library XLA picks depends on it.
+# a workaround there, b/476207717). On these per-sample convs YNNPACK ran slower than XLA's own (Eigen)
+# convolution (a one-process probe: forward, 8 a step, on 2d-a, 2d-c and the kernel-mixing conv). So a 2-D
+# conv with unit stride along its first spatial dim computes enough extra output rows to be larger than its
+# input, and drops them, unless that would add more than 1 / _MAX_EXTRA_ROWS_SHARE of the work. Correct
+# either way; only the library XLA picks depends on it.
 _MAX_EXTRA_ROWS_SHARE = 8
 
 
@@ -73,8 +71,9 @@ def conv_direct_sample_channels_first(inputs: jax.Array, kernels: jax.Array, spe
     """:func:`conv_direct_sample` on one PyTorch-layout sample: ``(C, *S), (O, C // G, *k) -> (O, *out)``.
 
     Transposed one sample at a time, in the loop: XLA:CPU's convolution is fast channels last only (a
-    channels-first conv per sample ran 15x-70x slower), and transposing the whole batch cost more than
-    the convolution in an earlier measurement (see :func:`im2col.conv_im2col_sample_channels_first`).
+    channels-first conv per sample ran an order of magnitude or more slower in a one-process probe), and
+    transposing the whole batch cost more than the convolution in another (see
+    :func:`im2col.conv_im2col_sample_channels_first`).
     """
     out = conv_direct_sample(jnp.moveaxis(inputs, 0, -1), jnp.moveaxis(kernels, (0, 1), (-1, -2)), spec)
     return jnp.moveaxis(out, -1, 0)
@@ -102,8 +101,8 @@ def _map_in_steps(sample_fn: Lowering, inputs: jax.Array, kernels: jax.Array, sp
 
 def conv_direct(inputs: jax.Array, kernels: jax.Array, spec: ConvSpec) -> jax.Array:
     """XLA's own convolution per sample, a few samples a step (values only: its autodiff kernel gradient
-    is a convolution XLA:CPU ran 37x-69x slower than ``im2col``'s, so :func:`conv_direct_method` takes
-    derivatives from ``im2col``)."""
+    is a convolution XLA:CPU ran well over an order of magnitude slower than ``im2col``'s in a one-process
+    probe, so :func:`conv_direct_method` takes derivatives from ``im2col``)."""
     return _map_in_steps(conv_direct_sample, inputs, kernels, spec)
 
 
