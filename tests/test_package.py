@@ -57,7 +57,9 @@ def test_tests_run_against_the_installed_package() -> None:
         assert package_dir == REPO_ROOT / "src" / "jdynconv"
         assert "JDYNCONV_EXPECT_WHEEL" not in os.environ, "expected the wheel, found an editable install"
     else:
-        assert REPO_ROOT not in package_dir.parents, f"tests import the checkout's {package_dir}"
+        # The venv may live inside the checkout (CI's does), so the test is against the sources' folder.
+        sources = REPO_ROOT / "src"
+        assert sources not in package_dir.parents, f"tests import the checkout's sources {package_dir}"
         assert package_dir == Path(dist.locate_file("jdynconv")).resolve()
         assert (package_dir / "py.typed").is_file()
     if "JDYNCONV_EXPECT_WHEEL" in os.environ:
