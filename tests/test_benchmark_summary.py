@@ -21,7 +21,7 @@ import pytest
 from benchmarks import summary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+RESULTS_DIR = REPO_ROOT / "docs" / "results"
 # The files the summary reads: each benchmark's main grid (per_sample_conv's depthwise grid has its own report).
 RESULT_FILES = sorted(
     path
@@ -114,8 +114,8 @@ def test_header_and_links_per_result(path: Path) -> None:
         assert expected in header
     assert metadata["date"][:10] in header
     # Links relative to the repository root (the README's folder), the image in markdown image syntax.
-    assert f"](benchmarks/results/{path.stem}.md)" in text
-    assert re.search(rf"!\[[^\]]*\]\(benchmarks/results/{re.escape(path.stem)}\.png\)", text)
+    assert f"](docs/results/{path.stem}.md)" in text
+    assert re.search(rf"!\[[^\]]*\]\(docs/results/{re.escape(path.stem)}\.png\)", text)
 
 
 def test_per_sample_conv_ratios_from_medians() -> None:
@@ -255,6 +255,11 @@ def test_file_without_benchmark_names_the_file(tmp_path: Path) -> None:
         summary.render_summary(tmp_path)
 
 
+def test_unknown_benchmark_selection_is_named() -> None:
+    with pytest.raises(ValueError, match=r"benchmarks: expected names among per_sample_conv.*got mystery"):
+        summary.render_summary(RESULTS_DIR, benchmarks=("per_sample_conv", "mystery"))
+
+
 def test_empty_results_dir(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="No benchmark results"):
         summary.render_summary(tmp_path)
@@ -348,6 +353,10 @@ def test_cli_writes_summary_and_readme_block(tmp_path: Path) -> None:
     assert readme_text.startswith("# Project\n\n## Speed\n\n")
     assert readme_text.endswith(f"{END}\n\n## Next\n")
     assert "](benchmarks/results/per_sample_conv_cpu.png)" in readme_text  # relative to the README's folder
+    # The README's block has only the landing page's table; SUMMARY.md has every benchmark.
+    assert "### Per-sample convolution" in readme_text
+    assert "### BranchMixConv" not in readme_text
+    assert "### BranchMixConv" in written
 
 
 def test_cli_leaves_a_readme_without_markers_alone(tmp_path: Path) -> None:
@@ -387,7 +396,7 @@ def test_readme_and_summary_md_match_the_committed_results() -> None:
     """The README's tables and SUMMARY.md are what the committed JSON renders to (regenerate with
     ``python benchmarks/summary.py --readme README.md`` after new results)."""
     readme = (REPO_ROOT / "README.md").read_text()
-    rendered = summary.render_summary(RESULTS_DIR)
+    rendered = summary.render_summary(RESULTS_DIR, benchmarks=summary.README_BENCHMARKS)
     assert summary.update_block(readme, rendered) == readme
     summary_md = (RESULTS_DIR / "SUMMARY.md").read_text()
     assert summary_md == "# Benchmark summary\n\n" + summary.render_summary(RESULTS_DIR, link_base=RESULTS_DIR)
