@@ -8,7 +8,7 @@ Reads commands from stdin, one a line, and answers each on stdout with ``RESULT 
 * ``quit``.
 
 The batch is split over all devices of all processes (``NamedSharding`` on a one-axis ``Mesh``, parameters
-replicated): the README's data-parallel recipe, ``jax.jit`` propagating the shardings.
+replicated): the data-parallel recipe of docs/training.md, ``jax.jit`` propagating the shardings.
 """
 
 from __future__ import annotations

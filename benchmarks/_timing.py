@@ -1,4 +1,4 @@
-"""Timing and reporting helpers shared by the benchmarks in this folder.
+"""Timing helpers shared by the benchmarks in this folder (reports: ``_report.py``).
 
 Methodology (DESIGN.md, "Speed work"): every competitor is warmed up first (so JAX compilation is never
 timed), then timed in R rounds; each round runs every competitor once in a freshly shuffled order, so
@@ -11,16 +11,11 @@ timed sample so each sample is long enough for the clock.
 from __future__ import annotations
 
 import gc
-import json
 import math
-import os
-import platform
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,149 +128,16 @@ def interleaved_medians(
     return {name: Stats(tuple(samples[name]), inner[name]) for name in names}
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment_metadata() -> dict[str, Any]:
-    """Date, machine, accelerator and library versions: what a recorded result must say it ran on."""
-    import jax
-    import jaxlib
-
-    devices = jax.devices()
-    metadata: dict[str, Any] = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "numpy": np.__version__,
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "jax_backend": jax.default_backend(),
-        "jax_devices": [str(device) for device in devices],
-        "device_kind": devices[0].device_kind,
-    }
-    try:
-        import torch
-    except ImportError:
-        return metadata
-    metadata.update(
-        torch=torch.__version__,
-        torch_num_threads=torch.get_num_threads(),
-        torch_cuda=torch.version.cuda,
-        torch_cuda_device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    )
-    return metadata
-
-
-def write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def format_ms(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    ms = seconds * 1e3
-    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
-
-
-def format_ratio(ratio: float | None) -> str:
-    return "-" if ratio is None else f"{ratio:.3g}x"
-
-
-def format_paired(paired: Mapping[str, Any] | None) -> str:
-    """A :class:`PairedRatio` stored as JSON (``as_json``), described; ``-`` when there is none."""
-    return "-" if paired is None else PairedRatio(**paired).describe()
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub-flavoured markdown table; the first column is left-aligned, the others right-aligned."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        padded = [
-            str(cell).ljust(width) if i == 0 else str(cell).rjust(width)
-            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = "| " + " | ".join(("-" * (w - 1) + ":") if i else "-" * w for i, w in enumerate(widths)) + " |"
-    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
-
-
-def plot_ratio_bars(
-    path: Path,
-    *,
-    groups: Sequence[str],
-    panels: Mapping[str, Mapping[str, Sequence[float | None]]],
-    title: str,
-    ylabel: str = "time / fastest PyTorch (log scale)",
-    highlight: str | None = None,
-) -> None:
-    """Grouped bars of time ratios on a log axis, one panel per pass (e.g. fwd, fwd+bwd), a line at 1.
-
-    ``panels[panel][series][i]`` is the ratio of ``series`` on ``groups[i]``; None (skipped, wrong or
-    failed) is drawn as an ``x`` at the foot of its slot. ``highlight`` names the series to draw with a
-    black edge and value labels.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = [v for series in panels.values() for row in series.values() for v in row if v is not None]
-    low = min([*values, 1.0]) / 1.6
-    high = max([*values, 1.0]) * 1.6
-    width_in = max(6.0, 0.9 * len(groups) + 2.0)
-    fig, axes = plt.subplots(1, len(panels), figsize=(width_in * len(panels), 5.0), sharey=True, squeeze=False)
-    x = np.arange(len(groups))
-    for ax, (panel, series) in zip(axes[0], panels.items(), strict=True):
-        bar_width = 0.8 / max(len(series), 1)
-        for i, (label, ratios) in enumerate(series.items()):
-            positions = x - 0.4 + bar_width * (i + 0.5)
-            heights = [np.nan if r is None else r for r in ratios]
-            emphasised = label == highlight
-            ax.bar(
-                positions,
-                heights,
-                bar_width,
-                label=label,
-                edgecolor="black" if emphasised else "none",
-                linewidth=1.2 if emphasised else 0,
-                zorder=2,
-            )
-            for position, ratio in zip(positions, ratios, strict=True):
-                if ratio is None:
-                    ax.text(position, 0.01, "x", transform=ax.get_xaxis_transform(), ha="center", va="bottom")
-                elif emphasised:
-                    ax.text(position, ratio * 1.05, f"{ratio:.2g}", ha="center", va="bottom", fontsize=7)
-        ax.axhline(1.0, color="black", linestyle="--", linewidth=1, zorder=3)
-        ax.set_yscale("log")
-        ax.set_ylim(low, high)
-        ax.set_xlim(-0.5, len(groups) - 0.5)  # skipped (NaN) bars do not extend the autoscaled limits
-        ax.set_title(panel)
-        ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=8)
-        ax.grid(axis="y", which="both", alpha=0.3, zorder=0)
-    axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(title, fontsize=10)
-    fig.text(0.01, 0.01, "x: skipped (too slow) or not timed; below the dashed line is faster than PyTorch", fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def warmed_medians(
+    calls: Mapping[str, Call], rounds: int, min_sample_s: float, *, max_inner: int = 10_000, seed: int = 0
+) -> dict[str, Stats]:
+    """Warms every call up (one call: compilation), sizes its samples, then times them all interleaved: for
+    competitors that need no validation between warm-up and timing."""
+    inner = {}
+    for name, call in calls.items():
+        call()
+        inner[name] = inner_calls(call, time_calls(call, 1), min_sample_s, max_inner)
+    return interleaved_medians(calls, inner, rounds, seed=seed)
 
 
 # --- JAX program size, compile time and memory ----------------------------------------------------------

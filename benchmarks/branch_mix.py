@@ -37,14 +37,14 @@ import argparse
 import dataclasses
 import functools
 import math
-import os
 import statistics
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import _harness as harness
+import _report as report
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -52,19 +52,9 @@ import numpy as np
 import optax
 import torch
 import torch.nn.functional as F
-from _timing import (
-    Call,
-    compile_stats,
-    count_jaxpr_equations,
-    environment_metadata,
-    format_ms,
-    format_ratio,
-    inner_calls,
-    interleaved_medians,
-    markdown_table,
-    time_calls,
-    write_json,
-)
+from _harness import Built, Check, Competitor, Settings, case_fields, log, run_case
+from _report import format_ratio, markdown_table
+from _timing import compile_stats, count_jaxpr_equations
 
 import jdynconv.linen
 
@@ -77,14 +67,11 @@ FUSED_TORCH = "torch fused"
 NAIVE_JAX = "jax naive loop"
 COMPETITORS = (SUBJECT, SUBJECT_FUSED, SUBJECT_REMAT, SEED_TORCH, FUSED_TORCH, NAIVE_JAX)
 JAX_VARIANTS = (SUBJECT, SUBJECT_FUSED, SUBJECT_REMAT, NAIVE_JAX)
-TOLERANCE = 1e-4
+CHECK = Check(tolerance=1e-4)
 LEARNING_RATE = 1e-2
 STUDY_KS = (2, 8, 32)
-DEFAULT_ROUNDS = 15
-DEFAULT_MIN_SAMPLE_S = 0.02
+DEFAULTS = harness.Defaults(rounds=15)
 DEFAULT_COMPILE_REPEATS = 3
-QUICK_ROUNDS = 3
-QUICK_MIN_SAMPLE_S = 0.005
 QUICK_COMPILE_REPEATS = 1
 LEAKY_SLOPE = 0.01  # PyTorch's nn.LeakyReLU() default, and the seed's
 
@@ -365,19 +352,15 @@ class Problem:
         return torch.from_numpy(self.x_nchw).to(device), torch.from_numpy(self.target_nchw).to(device)
 
 
-def build_jax(variant: str, problem: Problem, mode: str) -> Call:
-    """A call returning the forward output (NCHW NumPy-comparable) or the training step's loss."""
+def build_jax(variant: str, problem: Problem, mode: str) -> Built:
+    """The forward output (NHWC) or the training step's loss."""
     case = problem.case
     model = jax_model(variant, case)
     variables = jax_variables(variant, problem.state, case.num_branches)
     x, target = problem.jax_data
     if mode == "fwd":
         forward = jax.jit(lambda v, inputs: model.apply(v, inputs, use_running_average=True))
-
-        def run_forward() -> jax.Array:
-            return jax.block_until_ready(forward(variables, x))
-
-        return run_forward
+        return Built(lambda: jax.block_until_ready(forward(variables, x)), channels_last=True)
 
     step = jit_train_step(model)
     holder = [TrainState(variables["params"], variables["batch_stats"], optimizer().init(variables["params"]))]
@@ -387,10 +370,10 @@ def build_jax(variant: str, problem: Problem, mode: str) -> Call:
         jax.block_until_ready(holder[0])
         return loss
 
-    return run_step
+    return Built(run_step)
 
 
-def build_torch(name: str, device: torch.device, problem: Problem, mode: str) -> Call:
+def build_torch(name: str, device: torch.device, problem: Problem, mode: str) -> Built:
     model = torch_model(name, problem.case, problem.state, device)
     x, target = problem.torch_data(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -403,7 +386,7 @@ def build_torch(name: str, device: torch.device, problem: Problem, mode: str) ->
             sync()
             return y
 
-        return run_forward
+        return Built(run_forward)
 
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
@@ -416,22 +399,17 @@ def build_torch(name: str, device: torch.device, problem: Problem, mode: str) ->
         sync()
         return loss.detach()
 
-    return run_step
+    return Built(run_step)
 
 
-Builder = Callable[[Problem, str], Call]
-
-
-def builders(torch_device: torch.device) -> dict[str, Builder]:
+def competitors(problem: Problem, torch_device: torch.device) -> list[Competitor]:
     """The reference first: every other competitor is checked against its result."""
-    return {
-        SEED_TORCH: functools.partial(build_torch, SEED_TORCH, torch_device),
-        FUSED_TORCH: functools.partial(build_torch, FUSED_TORCH, torch_device),
-        SUBJECT: functools.partial(build_jax, SUBJECT),
-        SUBJECT_FUSED: functools.partial(build_jax, SUBJECT_FUSED),
-        SUBJECT_REMAT: functools.partial(build_jax, SUBJECT_REMAT),
-        NAIVE_JAX: functools.partial(build_jax, NAIVE_JAX),
-    }
+    torch_side = [
+        Competitor(name, functools.partial(build_torch, name, torch_device, problem))
+        for name in (SEED_TORCH, FUSED_TORCH)
+    ]
+    jax_side = [Competitor(name, functools.partial(build_jax, name, problem)) for name in JAX_VARIANTS]
+    return [*torch_side, *jax_side]
 
 
 # --- Program study: temp memory, compile time, jaxpr size vs k --------------------------------------------
@@ -481,137 +459,15 @@ def run_study(ks: Sequence[int], repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-# --- Timing ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    rounds: int
-    min_sample_s: float
-    compile_repeats: int
-
-
-@dataclasses.dataclass
-class Prepared:
-    """A competitor after warm-up and validation: ready to time, or the reason it is not."""
-
-    status: str  # "ok", "wrong" or "error"
-    note: str = ""
-    call: Call | None = None
-    inner: int = 1
-    first_call_s: float | None = None
-    warm_call_s: float | None = None
-    rel_error: float | None = None
-
-
-def as_nchw_numpy(result: object, from_jax: bool) -> np.ndarray:
-    if isinstance(result, torch.Tensor):
-        return result.detach().cpu().numpy().copy()  # a copy: a later call could overwrite a CPU view
-    array = np.array(result)
-    return array.transpose(0, 3, 1, 2) if from_jax and array.ndim == 4 else array
-
-
-def relative_error(result: np.ndarray, reference: np.ndarray) -> float:
-    """``max|a - b| / max|b|``."""
-    return float(np.max(np.abs(result - reference)) / max(float(np.max(np.abs(reference))), 1e-30))
-
-
-def prepare(
-    name: str, build: Builder, mode: str, problem: Problem, reference: np.ndarray | None, settings: Settings
-) -> tuple[Prepared, np.ndarray]:
-    """Builds, compiles, validates and warms one competitor; returns it with its first result."""
-    call = build(problem, mode)
-    start = time.perf_counter()
-    result = as_nchw_numpy(call(), from_jax=name in JAX_VARIANTS)
-    first_call_s = time.perf_counter() - start
-    rel_error = 0.0 if reference is None else relative_error(result, reference)
-    if not rel_error <= TOLERANCE:
-        return Prepared("wrong", f"wrong (rel. error {rel_error:.1e})", first_call_s=first_call_s), result
-    warm_call_s = time_calls(call, 1)
-    inner = inner_calls(call, warm_call_s, settings.min_sample_s)
-    prepared = Prepared(
-        "ok", call=call, inner=inner, first_call_s=first_call_s, warm_call_s=warm_call_s, rel_error=rel_error
-    )
-    return prepared, result
-
-
-def describe(entry: Prepared) -> str:
-    if entry.status != "ok":
-        return entry.note
-    return (
-        f"first call {format_ms(entry.first_call_s)} ms, warm call {format_ms(entry.warm_call_s)} ms, "
-        f"x{entry.inner} per sample, rel. error {entry.rel_error:.1e}"
-    )
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def mib(num_bytes: int | None) -> str:
     return "-" if num_bytes is None else f"{num_bytes / 2**20:.1f}"
 
 
 def bench_case(index: int, case: Case, settings: Settings, torch_device: torch.device) -> dict[str, Any]:
     problem = Problem.random(case, seed=index)
-    log(f"[{case.label}]")
-    prepared: dict[tuple[str, str], Prepared] = {}
-    for mode in MODES:
-        reference: np.ndarray | None = None
-        for name, build in builders(torch_device).items():
-            try:
-                entry, result = prepare(name, build, mode, problem, reference, settings)
-            except Exception as error:  # a failing competitor is reported, not fatal
-                entry, result = Prepared("error", f"error ({type(error).__name__})"), None
-                log(f"  {name} [{mode}] raised {error!r}")
-            if name == SEED_TORCH:
-                if entry.status != "ok":
-                    raise RuntimeError(f"The reference {SEED_TORCH} failed on {case.label}: {entry.note}")
-                reference = result
-            prepared[name, mode] = entry
-            log(f"  {name:>14} [{mode:>5}] {describe(entry)}")
-        if prepared[SUBJECT, mode].status != "ok":
-            log(f"  !! {SUBJECT} [{mode}] does not match {SEED_TORCH}: {prepared[SUBJECT, mode].note}")
-
-    timed = {key: entry for key, entry in prepared.items() if entry.status == "ok" and entry.call is not None}
-    stats = interleaved_medians(
-        {f"{name} [{mode}]": entry.call for (name, mode), entry in timed.items()},  # type: ignore[misc]
-        {f"{name} [{mode}]": entry.inner for (name, mode), entry in timed.items()},
-        settings.rounds,
-        seed=index,
-        on_round=lambda r: log(f"  round {r + 1}/{settings.rounds}"),
-    )
-
-    results: dict[str, dict[str, Any]] = {mode: {} for mode in MODES}
-    medians: dict[str, dict[str, float]] = {mode: {} for mode in MODES}
-    for (name, mode), entry in prepared.items():
-        record: dict[str, Any] = {"status": entry.status}
-        if entry.note:
-            record["note"] = entry.note
-        for field in ("first_call_s", "warm_call_s", "rel_error"):
-            if getattr(entry, field) is not None:
-                record[field] = getattr(entry, field)
-        if entry.status == "ok":
-            stat = stats[f"{name} [{mode}]"]
-            record.update(stat.as_json())
-            medians[mode][name] = stat.median_s
-        results[mode][name] = record
-
-    ratios: dict[str, dict[str, dict[str, float]]] = {}
-    for baseline in (SEED_TORCH, FUSED_TORCH):
-        ratios[f"vs {baseline}"] = {
-            mode: {name: t / medians[mode][baseline] for name, t in medians[mode].items()}
-            for mode in MODES
-            if baseline in medians[mode]
-        }
-    return {
-        "index": index,
-        "name": case.name,
-        "description": case.description,
-        **{field.name: getattr(case, field.name) for field in dataclasses.fields(case) if field.name != "name"},
-        "results": results,
-        "ratios": ratios,
-    }
+    run = run_case(index, case.label, MODES, lambda mode: competitors(problem, torch_device), settings, CHECK, SUBJECT)
+    ratios = {f"vs {baseline}": run.ratios(baseline, keep_baseline=True) for baseline in (SEED_TORCH, FUSED_TORCH)}
+    return {**case_fields(index, case, case.description), "results": run.results, "ratios": ratios}
 
 
 # --- Reporting ------------------------------------------------------------------------------------------
@@ -622,33 +478,22 @@ def ratio_of(case_result: Mapping[str, Any], baseline: str, mode: str, name: str
 
 
 def time_table(case_results: Sequence[Mapping[str, Any]]) -> str:
-    headers = ["case", "pass", *(f"{name} (ms)" for name in COMPETITORS)]
-    rows = []
-    for case in case_results:
-        for mode in MODES:
-            cells = []
-            for name in COMPETITORS:
-                record = case["results"][mode].get(name, {"status": "error", "note": "-"})
-                cells.append(format_ms(record["median_ms"] / 1e3) if record["status"] == "ok" else record["note"])
-            label = f"{case['name']}: {case['description']}" if mode == MODES[0] else ""
-            rows.append([label, mode, *cells])
-    return markdown_table(headers, rows)
+    return report.time_table(case_results, MODES, COMPETITORS, lambda case: f"{case['name']}: {case['description']}")
 
 
 def ratio_table(case_results: Sequence[Mapping[str, Any]]) -> str:
     """Each competitor's time over the seed model's / over the fused PyTorch version's."""
     names = [name for name in COMPETITORS if name != SEED_TORCH]
-    headers = ["case", "pass", *(f"{name}: / seed, / fused" for name in names)]
-    rows = []
-    for case in case_results:
-        for mode in MODES:
-            cells = [
-                f"{format_ratio(ratio_of(case, SEED_TORCH, mode, name))}, "
-                f"{format_ratio(ratio_of(case, FUSED_TORCH, mode, name))}"
-                for name in names
-            ]
-            rows.append([case["name"] if mode == MODES[0] else "", mode, *cells])
-    return markdown_table(headers, rows)
+    return report.mode_table(
+        ["case", "pass", *(f"{name}: / seed, / fused" for name in names)],
+        case_results,
+        MODES,
+        lambda case, mode: [
+            f"{format_ratio(ratio_of(case, SEED_TORCH, mode, name))}, "
+            f"{format_ratio(ratio_of(case, FUSED_TORCH, mode, name))}"
+            for name in names
+        ],
+    )
 
 
 def study_table(study: Sequence[Mapping[str, Any]]) -> str:
@@ -704,38 +549,26 @@ def target_lines(case_results: Sequence[Mapping[str, Any]], study: Sequence[Mapp
     return lines
 
 
-def header_lines(metadata: Mapping[str, Any], settings: Settings) -> list[str]:
-    torch_where = metadata["torch_device"]
-    if metadata.get("torch_cuda_device") and torch_where == "cuda":
-        torch_where += f" ({metadata['torch_cuda_device']})"
-    return [
-        "# BranchMixConv: jdynconv vs PyTorch vs a naive JAX loop",
-        "",
-        f"- date: {metadata['date']}; platform: {metadata['platform']}; CPU: {metadata['cpu']} "
-        f"({metadata['cpu_count']} logical cores)",
-        f"- jax {metadata['jax']} / jaxlib {metadata['jaxlib']}, backend {metadata['jax_backend']}, "
-        f"devices {metadata['jax_devices']} (kind {metadata['device_kind']})",
-        f"- torch {metadata.get('torch')} on {torch_where}, torch threads {metadata.get('torch_num_threads')}",
-        f"- float32, precision pinned to highest (no TF32); {settings.rounds} interleaved rounds, medians; "
-        f"samples >= {settings.min_sample_s * 1e3:g} ms; compile times: median of {settings.compile_repeats} "
-        "compilations from scratch",
+def header_lines(metadata: Mapping[str, Any]) -> list[str]:
+    return report.header_lines(
+        "BranchMixConv: jdynconv vs PyTorch vs a naive JAX loop",
+        metadata,
+        report.timing_line(
+            metadata, f"compile times: median of {metadata['compile_repeats']} compilations from scratch"
+        ),
         "- fwd: eval mode (running statistics); train: train-mode BatchNorm, MSE to a fixed target, gradients "
         f"w.r.t. all parameters, SGD(lr={LEARNING_RATE}) update",
         "- ratios: time / the seed's PyTorch model's, and / the fused PyTorch version's (< 1: faster)",
-    ]
+    )
 
 
-def report_markdown(
-    metadata: Mapping[str, Any],
-    settings: Settings,
-    case_results: Sequence[Mapping[str, Any]],
-    study: Sequence[Mapping[str, Any]],
-) -> str:
-    parts = [*header_lines(metadata, settings), "", "## Median times", "", time_table(case_results)]
+def summary(case_results: Sequence[Mapping[str, Any]], study: Sequence[Mapping[str, Any]]) -> str:
+    """The report's tables: times, ratios, the program study, the issue's targets."""
+    parts = ["## Median times", "", time_table(case_results)]
     parts += ["", "## Ratios (/ seed model, / fused PyTorch)", "", ratio_table(case_results)]
     if study:
         parts += ["", "## Training step: program size, compile time, temp memory vs k", "", study_table(study)]
-    parts += ["", "## Targets", "", *target_lines(case_results, study), ""]
+    parts += ["", "## Targets", "", *target_lines(case_results, study)]
     return "\n".join(parts)
 
 
@@ -753,48 +586,25 @@ def plot_report(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def plain_log_ticks(ax: Any) -> None:
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+
     names = [name for name in COMPETITORS if name != SEED_TORCH]
     groups = [case["name"] for case in case_results]
     ratios = {
         mode: {name: [ratio_of(case, SEED_TORCH, mode, name) for case in case_results] for name in names}
         for mode in MODES
     }
-    values = [v for series in ratios.values() for row in series.values() for v in row if v is not None]
-    low, high = min([*values, 1.0]) / 1.6, max([*values, 1.0]) * 1.6
     fig = plt.figure(figsize=(12, 8.5))
     grid = fig.add_gridspec(2, 2, height_ratios=(3, 2))
-    x = np.arange(len(groups))
-    bar_width = 0.8 / len(names)
     bar_axes = [fig.add_subplot(grid[0, i]) for i in range(len(MODES))]
     for ax, mode in zip(bar_axes, MODES, strict=True):
-        for i, name in enumerate(names):
-            positions = x - 0.4 + bar_width * (i + 0.5)
-            heights = [np.nan if r is None else r for r in ratios[mode][name]]
-            emphasised = name == SUBJECT
-            ax.bar(
-                positions,
-                heights,
-                bar_width,
-                label=name,
-                edgecolor="black" if emphasised else "none",
-                linewidth=1.2 if emphasised else 0,
-                zorder=2,
-            )
-            for position, ratio in zip(positions, ratios[mode][name], strict=True):
-                if ratio is None:
-                    ax.text(position, 0.01, "x", transform=ax.get_xaxis_transform(), ha="center", va="bottom")
-                else:
-                    ax.text(position, ratio * 1.05, f"{ratio:.2g}", ha="center", va="bottom", fontsize=7)
-        ax.axhline(1.0, color="black", linestyle="--", linewidth=1, zorder=3)
-        ax.set_yscale("log")
-        ax.set_ylim(low, high)
-        ax.set_xlim(-0.5, len(groups) - 0.5)
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.tick_params(axis="y", which="minor", labelsize=7)
-        ax.set_xticks(x, groups)
+        report.draw_ratio_bars(ax, groups, ratios[mode], report.ratio_limits(ratios), SUBJECT, label_all=True)
+        plain_log_ticks(ax)
+        ax.set_xticks(range(len(groups)), groups)
         ax.set_title(f"{mode}: time / seed PyTorch model (log)")
-        ax.grid(axis="y", which="both", alpha=0.3, zorder=0)
     bar_axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
     memory_ax, compile_ax = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
@@ -819,9 +629,7 @@ def plot_report(
     ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.tick_params(axis="y", which="minor", labelsize=7)
+        plain_log_ticks(ax)
         ax.set_xticks(list(STUDY_KS), [str(k) for k in STUDY_KS])
         ax.set_xlabel("k (branches)")
         ax.set_ylabel(ylabel)
@@ -839,122 +647,63 @@ def write_reports(
     out_dir: Path,
     backend: str,
     metadata: Mapping[str, Any],
-    settings: Settings,
     case_results: Sequence[Mapping[str, Any]],
     study: Sequence[Mapping[str, Any]],
-) -> tuple[Path, Path, Path]:
-    stem = f"branch_mix_{backend}"
-    json_path, md_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png"))
-    write_json(
-        json_path,
-        {"benchmark": "branch_mix", "metadata": dict(metadata), "cases": list(case_results), "study": list(study)},
+) -> tuple[Path, ...]:
+    payload = {"benchmark": "branch_mix", "metadata": dict(metadata), "cases": list(case_results), "study": list(study)}
+    markdown = "\n".join([*header_lines(metadata), "", summary(case_results, study), ""])
+    title = report.plot_title("branch_mix", metadata)
+    return report.write_reports(
+        out_dir / f"branch_mix_{backend}", payload, markdown, lambda png: plot_report(png, case_results, study, title)
     )
-    md_path.write_text(report_markdown(metadata, settings, case_results, study))
-    title = (
-        f"branch_mix ({metadata['device_kind']}, jax {metadata['jax']}, torch {metadata.get('torch')}, "
-        f"{metadata['date'][:10]})"
-    )
-    plot_report(png_path, case_results, study, title)
-    return json_path, md_path, png_path
 
 
 # --- CLI ------------------------------------------------------------------------------------------------
 
 
-def select_cases(tokens: Sequence[str] | None) -> list[tuple[int, Case]]:
-    if not tokens:
-        return list(enumerate(CASES))
-    by_name = {case.name: i for i, case in enumerate(CASES)}
-    chosen: list[int] = []
-    for token in (part for raw in tokens for part in raw.split(",") if part):
-        if token.isdigit() and int(token) < len(CASES):
-            chosen.append(int(token))
-        elif token in by_name:
-            chosen.append(by_name[token])
-        else:
-            choices = ", ".join(f"{i}={case.name}" for i, case in enumerate(CASES))
-            raise SystemExit(f"Unknown case {token!r}; choose indices or names among: {choices}.")
-    return [(i, CASES[i]) for i in dict.fromkeys(chosen)]
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    case_list = "; ".join(f"{i}={case.label}" for i, case in enumerate(CASES))
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"smoke test: {QUICK_ROUNDS} rounds, short samples, {QUICK_COMPILE_REPEATS} compilation per study point",
+    parser = harness.parser(
+        __doc__,
+        DEFAULTS,
+        Path("benchmarks/results"),
+        quick_help=f"smoke test: {DEFAULTS.quick_rounds} rounds, short samples, {QUICK_COMPILE_REPEATS} "
+        "compilation per study point",
     )
-    parser.add_argument("--rounds", type=int, help=f"timed rounds (default {DEFAULT_ROUNDS}, {QUICK_ROUNDS} quick)")
     parser.add_argument(
         "--compile-repeats",
         type=int,
         help=f"compilations per study point (default {DEFAULT_COMPILE_REPEATS}, {QUICK_COMPILE_REPEATS} quick)",
     )
+    case_list = "; ".join(f"{i}={case.label}" for i, case in enumerate(CASES))
     parser.add_argument("--cases", nargs="+", help=f"indices or names, space or comma separated: {case_list}")
     parser.add_argument("--no-study", action="store_true", help="skip the memory / compile-time / jaxpr study")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON, MD and PNG")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # Read when JAX creates its GPU client (lazily, on first use): leave GPU memory to PyTorch as well.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    jax.config.update("jax_default_matmul_precision", "highest")
-    backend = jax.default_backend()
-    torch_device = torch.device("cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu")
-    if torch_device.type == "cuda":
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.benchmark = True  # PyTorch's best: shapes are fixed, so let cuDNN pick
-    settings = Settings(
-        rounds=args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS),
-        min_sample_s=QUICK_MIN_SAMPLE_S if args.quick else DEFAULT_MIN_SAMPLE_S,
-        compile_repeats=args.compile_repeats or (QUICK_COMPILE_REPEATS if args.quick else DEFAULT_COMPILE_REPEATS),
+    backend = harness.configure_jax()
+    device = harness.torch_device(backend)
+    settings = DEFAULTS.settings(args)
+    cases = harness.select(CASES, args.cases)
+    compile_repeats = args.compile_repeats or (QUICK_COMPILE_REPEATS if args.quick else DEFAULT_COMPILE_REPEATS)
+    metadata = harness.run_metadata(
+        args.quick,
+        device.type,
+        **settings.metadata(),
+        compile_repeats=compile_repeats,
+        tolerance=CHECK.tolerance,
+        learning_rate=LEARNING_RATE,
+        study_ks=list(STUDY_KS),
     )
-    cases = select_cases(args.cases)
-    metadata = environment_metadata() | {
-        "torch_device": torch_device.type,
-        "rounds": settings.rounds,
-        "min_sample_ms": settings.min_sample_s * 1e3,
-        "compile_repeats": settings.compile_repeats,
-        "tolerance": TOLERANCE,
-        "learning_rate": LEARNING_RATE,
-        "study_ks": list(STUDY_KS),
-        "quick": args.quick,
-        "command": " ".join(sys.argv),
-    }
-    print("\n".join(header_lines(metadata, settings)) + "\n", flush=True)
-    if backend == "gpu" and torch_device.type != "cuda":
-        log("!! JAX runs on GPU but PyTorch has no CUDA: ratios compare a GPU with the CPU.")
-
-    start = time.perf_counter()
-    study = [] if args.no_study else run_study(STUDY_KS, settings.compile_repeats)
-    case_results: list[dict[str, Any]] = []
-    paths: tuple[Path, ...] = ()
-    for index, case in cases:
-        case_results.append(bench_case(index, case, settings, torch_device))
-        jax.clear_caches()
-        paths = write_reports(args.out, backend, metadata, settings, case_results, study)
-        log(f"  done in {time.perf_counter() - start:.0f} s so far; results in {paths[0]}")
-
-    print("## Median times\n\n" + time_table(case_results))
-    print("\n## Ratios (/ seed model, / fused PyTorch)\n\n" + ratio_table(case_results))
-    if study:
-        print("\n## Training step: program size, compile time, temp memory vs k\n\n" + study_table(study))
-    print("\n## Targets\n\n" + "\n".join(target_lines(case_results, study)))
-    print(f"\nWrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.0f} s.")
-    wrong = [
-        f"{case['name']} {name} [{mode}]"
-        for case in case_results
-        for mode in MODES
-        for name, record in case["results"][mode].items()
-        if record["status"] in ("wrong", "error")
-    ]
-    if wrong:
-        print(f"\nNot timed (wrong result or error): {', '.join(wrong)}", file=sys.stderr)
-    return 1 if wrong else 0
+    print("\n".join(header_lines(metadata)) + "\n", flush=True)
+    study = [] if args.no_study else run_study(STUDY_KS, compile_repeats)
+    return harness.run_cases(
+        cases,
+        lambda index, case: bench_case(index, case, settings, device),
+        lambda results: write_reports(args.out, backend, metadata, results, study),
+        lambda results: summary(results, study),
+    )
 
 
 if __name__ == "__main__":

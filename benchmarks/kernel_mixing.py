@@ -40,17 +40,16 @@ reference's on the same case and pass (< 1: jdynconv faster).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
-import os
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import _harness as harness
+import _report as report
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -58,20 +57,8 @@ import numpy as np
 import optax
 import torch
 import torch.nn.functional as F
-from _timing import (
-    Call,
-    PairedRatio,
-    environment_metadata,
-    format_ms,
-    format_paired,
-    format_ratio,
-    inner_calls,
-    interleaved_medians,
-    markdown_table,
-    plot_ratio_bars,
-    time_calls,
-    write_json,
-)
+from _harness import Built, Check, Competitor, Settings, case_fields, run_case
+from _report import format_ms, format_paired, format_ratio
 
 import jdynconv.linen
 from jdynconv._kernel_mix import choose_mixing
@@ -88,15 +75,12 @@ REFERENCE_SOURCES = {
     "CondConv": "timm CondConv2d (timm/layers/cond_conv2d.py) + CondConvResidual's sigmoid(Linear) routing",
     "DynamicConv": "Dynamic_conv2d (kaijieshi7/Dynamic-convolution-Pytorch, dynamic_conv.py)",
 }
-TOLERANCE = 1e-4  # forward outputs and first losses
-GRAD_TOLERANCE = 1e-4  # per parameter, max|a - b| / max|b|
+# Forward outputs and first losses, and every parameter's gradient: max|a - b| / max|b|.
+CHECK = Check(1e-4, 1e-4, {"fwd": "output", "train": "loss", "conv": "loss"})
 LEARNING_RATE = 1e-2
 TEMPERATURE = 1.0
 ATTENTION_RATIO = 0.25
-DEFAULT_ROUNDS = 15
-DEFAULT_MIN_SAMPLE_S = 0.02
-QUICK_ROUNDS = 3
-QUICK_MIN_SAMPLE_S = 0.005
+DEFAULTS = harness.Defaults(rounds=15)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,16 +376,6 @@ class Problem:
         return torch.from_numpy(self.x_nchw).to(device)
 
 
-@dataclasses.dataclass(frozen=True)
-class Built:
-    """A competitor ready to warm up: ``call`` runs once and returns the forward output (NCHW-comparable) or
-    the training step's loss; ``gradients`` (train only) returns the loss gradients at the initial weights,
-    in the reference's names and layouts, without touching the timed state."""
-
-    call: Call
-    gradients: Callable[[], StateDict] | None = None
-
-
 class TrainState(NamedTuple):
     params: Any
     opt_state: Any
@@ -433,7 +407,7 @@ def build_jax(mixing: str, problem: Problem, mode: str) -> Built:
 
     if mode == "fwd":
         forward = jax.jit(apply)
-        return Built(lambda: jax.block_until_ready(forward(params, x, temperature)))
+        return Built(lambda: jax.block_until_ready(forward(params, x, temperature)), channels_last=True)
 
     def loss_fn(params: Any, inputs: jax.Array, temperature: jax.Array) -> jax.Array:
         return jnp.mean(jnp.square(apply(params, inputs, temperature)))
@@ -502,185 +476,29 @@ def build_torch(device: torch.device, problem: Problem, mode: str) -> Built:
     return Built(run_step, gradients)
 
 
-def builders(torch_device: torch.device, mode: str) -> dict[str, Callable[[Problem, str], Built]]:
+def competitors(problem: Problem, torch_device: torch.device, mode: str) -> list[Competitor]:
     """The reference first: every other competitor is checked against its result. The ``conv`` pass has no
     mixing, so only ``jdynconv auto`` (``per_sample_conv``'s ``method="auto"``) runs it."""
-    jax_builders = {name: functools.partial(build_jax, mixing) for name, mixing in zip(JAX_NAMES, MIXINGS, strict=True)}
-    if mode == CONV_MODE:
-        jax_builders = {SUBJECT: jax_builders[SUBJECT]}
-    return {REFERENCE: functools.partial(build_torch, torch_device), **jax_builders}
-
-
-# --- Timing ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    rounds: int
-    min_sample_s: float
-
-
-@dataclasses.dataclass
-class Prepared:
-    """A competitor after validation and warm-up: ready to time, or the reason it is not."""
-
-    status: str  # "ok", "wrong" or "error"
-    note: str = ""
-    call: Call | None = None
-    inner: int = 1
-    first_call_s: float | None = None
-    warm_call_s: float | None = None
-    rel_error: float | None = None
-    grad_rel_errors: dict[str, float] | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Reference:
-    result: np.ndarray
-    gradients: StateDict | None
-
-
-def as_nchw_numpy(result: object) -> np.ndarray:
-    if isinstance(result, torch.Tensor):
-        return result.detach().cpu().numpy().copy()  # a copy: a later call could overwrite a CPU view
-    array = np.array(result)
-    return array.transpose(0, 3, 1, 2) if array.ndim == 4 else array  # JAX's NHWC -> NCHW
-
-
-def relative_error(result: np.ndarray, reference: np.ndarray) -> float:
-    """``max|a - b| / max|b|``."""
-    if result.shape != reference.shape:
-        return math.inf
-    return float(np.max(np.abs(result - reference)) / max(float(np.max(np.abs(reference))), 1e-30))
-
-
-def prepare(built: Built, mode: str, reference: Reference | None, settings: Settings) -> tuple[Prepared, Reference]:
-    """Validates (gradients first, at the initial weights), then warms one competitor."""
-    gradients = built.gradients() if mode in ("train", CONV_MODE) and built.gradients is not None else None
-    start = time.perf_counter()
-    result = as_nchw_numpy(built.call())
-    first_call_s = time.perf_counter() - start
-    mine = Reference(result, gradients)
-    rel_error, grad_errors = 0.0, None
-    if reference is not None:
-        rel_error = relative_error(result, reference.result)
-        if gradients is not None and reference.gradients is not None:
-            grad_errors = {
-                name: relative_error(gradients.get(name, np.empty(0)), expected)
-                for name, expected in reference.gradients.items()
-            }
-    if not rel_error <= TOLERANCE:
-        what = "output" if mode == "fwd" else "loss"
-        note = f"wrong {what} (rel. error {rel_error:.1e})"
-        return Prepared("wrong", note, first_call_s=first_call_s, rel_error=rel_error), mine
-    if grad_errors is not None and not max(grad_errors.values()) <= GRAD_TOLERANCE:
-        worst = max(grad_errors, key=grad_errors.__getitem__)
-        note = f"wrong gradient of {worst} (rel. error {grad_errors[worst]:.1e})"
-        return Prepared(
-            "wrong", note, first_call_s=first_call_s, rel_error=rel_error, grad_rel_errors=grad_errors
-        ), mine
-    warm_call_s = time_calls(built.call, 1)
-    inner = inner_calls(built.call, warm_call_s, settings.min_sample_s)
-    prepared = Prepared(
-        "ok",
-        call=built.call,
-        inner=inner,
-        first_call_s=first_call_s,
-        warm_call_s=warm_call_s,
-        rel_error=rel_error,
-        grad_rel_errors=grad_errors,
-    )
-    return prepared, mine
-
-
-def describe(entry: Prepared) -> str:
-    if entry.status != "ok":
-        return entry.note
-    text = (
-        f"first call {format_ms(entry.first_call_s)} ms, warm call {format_ms(entry.warm_call_s)} ms, "
-        f"x{entry.inner} per sample, rel. error {entry.rel_error:.1e}"
-    )
-    if entry.grad_rel_errors:
-        text += f", grads max rel. error {max(entry.grad_rel_errors.values()):.1e}"
-    return text
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    names = (SUBJECT,) if mode == CONV_MODE else JAX_NAMES
+    jax_side = [
+        Competitor(name, functools.partial(build_jax, name.removeprefix("jdynconv "), problem)) for name in names
+    ]
+    return [Competitor(REFERENCE, functools.partial(build_torch, torch_device, problem)), *jax_side]
 
 
 def bench_case(index: int, case: Case, settings: Settings, torch_device: torch.device) -> dict[str, Any]:
     problem = Problem.random(case, seed=index)
-    log(f"[{case.label}] auto -> {case.auto_mixing}")
-    prepared: dict[tuple[str, str], Prepared] = {}
-    for mode in MODES:
-        reference: Reference | None = None
-        for name, build in builders(torch_device, mode).items():
-            try:
-                entry, result = prepare(build(problem, mode), mode, reference, settings)
-            except Exception as error:  # a failing competitor is reported, not fatal
-                entry, result = Prepared("error", f"error ({type(error).__name__})"), None
-                log(f"  {name} [{mode}] raised {error!r}")
-            if name == REFERENCE:
-                if entry.status != "ok" or result is None:
-                    raise RuntimeError(f"The {REFERENCE} failed on {case.label}: {entry.note}")
-                reference = result
-            prepared[name, mode] = entry
-            log(f"  {name:>20} [{mode:>5}] {describe(entry)}")
-        if prepared[SUBJECT, mode].status != "ok":
-            log(f"  !! {SUBJECT} [{mode}] does not match the {REFERENCE}: {prepared[SUBJECT, mode].note}")
-
-    timed = {key: entry for key, entry in prepared.items() if entry.status == "ok" and entry.call is not None}
-    stats = interleaved_medians(
-        {f"{name} [{mode}]": entry.call for (name, mode), entry in timed.items()},  # type: ignore[misc]
-        {f"{name} [{mode}]": entry.inner for (name, mode), entry in timed.items()},
-        settings.rounds,
-        seed=index,
-        on_round=lambda r: log(f"  round {r + 1}/{settings.rounds}"),
-    )
-
-    results: dict[str, dict[str, Any]] = {mode: {} for mode in MODES}
-    medians: dict[str, dict[str, float]] = {mode: {} for mode in MODES}
-    for (name, mode), entry in prepared.items():
-        record: dict[str, Any] = {"status": entry.status}
-        if entry.note:
-            record["note"] = entry.note
-        for field in ("first_call_s", "warm_call_s", "rel_error", "grad_rel_errors"):
-            if getattr(entry, field) is not None:
-                record[field] = getattr(entry, field)
-        if entry.status == "ok":
-            stat = stats[f"{name} [{mode}]"]
-            record.update(stat.as_json())
-            medians[mode][name] = stat.median_s
-        results[mode][name] = record
-
-    ratios = {
-        mode: {name: t / medians[mode][REFERENCE] for name, t in medians[mode].items() if name != REFERENCE}
-        for mode in MODES
-        if REFERENCE in medians[mode]
-    }
-    paired = {
-        mode: {
-            name: PairedRatio.of(stats[f"{name} [{mode}]"], stats[f"{REFERENCE} [{mode}]"]).as_json()
-            for name in medians[mode]
-            if name != REFERENCE
-        }
-        for mode in MODES
-        if REFERENCE in medians[mode]
-    }
-    rest = {name: rest_of_step(results, name) for name in (SUBJECT, REFERENCE)}
+    label = f"{case.label}; auto -> {case.auto_mixing}"
+    run = run_case(index, label, MODES, functools.partial(competitors, problem, torch_device), settings, CHECK, SUBJECT)
     return {
-        "index": index,
-        "name": case.name,
-        "description": case.description,
-        **{field.name: getattr(case, field.name) for field in dataclasses.fields(case) if field.name != "name"},
+        **case_fields(index, case, case.description),
         "hidden": case.hidden if case.layer == "DynamicConv" else None,
         "auto_mixing": case.auto_mixing,
         "reference": REFERENCE_SOURCES[case.layer],
-        "results": results,
-        "ratios": ratios,
-        "paired_ratios": paired,
-        "rest_of_step_ms": rest,
+        "results": run.results,
+        "ratios": run.ratios(REFERENCE),
+        "paired_ratios": run.paired(REFERENCE),
+        "rest_of_step_ms": {name: rest_of_step(run.results, name) for name in (SUBJECT, REFERENCE)},
     }
 
 
@@ -695,32 +513,17 @@ def case_cell(case: Mapping[str, Any]) -> str:
     return f"{case['name']} (auto -> {case['auto_mixing']})"
 
 
-def time_table(case_results: Sequence[Mapping[str, Any]]) -> str:
-    headers = ["case", "pass", *(f"{name} (ms)" for name in COMPETITORS)]
-    rows = []
-    for case in case_results:
-        for mode in MODES:
-            cells = []
-            for name in COMPETITORS:
-                record = case["results"][mode].get(name, {"status": "error", "note": "-"})
-                cells.append(format_ms(record["median_ms"] / 1e3) if record["status"] == "ok" else record["note"])
-            rows.append([case_cell(case) if mode == MODES[0] else "", mode, *cells])
-    return markdown_table(headers, rows)
-
-
 def ratio_table(case_results: Sequence[Mapping[str, Any]]) -> str:
-    headers = ["case", "pass", *(f"{name} / torch" for name in JAX_NAMES), f"{SUBJECT} / torch per round"]
-    rows = [
-        [
-            case_cell(case) if mode == MODES[0] else "",
-            mode,
+    return report.mode_table(
+        ["case", "pass", *(f"{name} / torch" for name in JAX_NAMES), f"{SUBJECT} / torch per round"],
+        case_results,
+        MODES,
+        lambda case, mode: [
             *(format_ratio(ratio_of(case, mode, name)) for name in JAX_NAMES),
             per_round(case, mode, SUBJECT),
-        ]
-        for case in case_results
-        for mode in MODES
-    ]
-    return markdown_table(headers, rows)
+        ],
+        case_cell,
+    )
 
 
 def per_round(case_result: Mapping[str, Any], mode: str, name: str) -> str:
@@ -780,57 +583,38 @@ def breakdown_lines(case_results: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def header_lines(metadata: Mapping[str, Any], settings: Settings) -> list[str]:
-    torch_where = metadata["torch_device"]
-    if metadata.get("torch_cuda_device") and torch_where == "cuda":
-        torch_where += f" ({metadata['torch_cuda_device']})"
-    return [
-        "# Kernel mixing (CondConv, DynamicConv): jdynconv vs the PyTorch references",
-        "",
-        f"- date: {metadata['date']}; platform: {metadata['platform']}; CPU: {metadata['cpu']} "
-        f"({metadata['cpu_count']} logical cores)",
-        f"- jax {metadata['jax']} / jaxlib {metadata['jaxlib']}, backend {metadata['jax_backend']}, "
-        f"devices {metadata['jax_devices']} (kind {metadata['device_kind']})",
-        f"- torch {metadata.get('torch')} on {torch_where}, torch threads {metadata.get('torch_num_threads')}",
-        f"- float32, precision pinned to highest (no TF32); {settings.rounds} interleaved rounds, medians; "
-        f"samples >= {settings.min_sample_s * 1e3:g} ms",
+def header_lines(metadata: Mapping[str, Any]) -> list[str]:
+    return report.header_lines(
+        "Kernel mixing (CondConv, DynamicConv): jdynconv vs the PyTorch references",
+        metadata,
+        report.timing_line(metadata),
         f"- {REFERENCE}: CondConv -> {REFERENCE_SOURCES['CondConv']}; DynamicConv -> "
         f"{REFERENCE_SOURCES['DynamicConv']}",
         f"- DynamicConv temperature {TEMPERATURE:g} (end of the 30 -> 1 annealing; traced in jdynconv); "
         f"fwd: forward only; train: loss = mean(y^2), gradients w.r.t. all parameters, SGD(lr={LEARNING_RATE}); "
         f"{CONV_MODE}: the same step for the conv alone (per-sample kernels and biases as the parameters, "
         "so its SGD update is B kernels, not k)",
-        f"- checked before timing: outputs / first losses within {TOLERANCE:g} relative, gradients of every "
-        f"parameter within {GRAD_TOLERANCE:g}; ratios: jdynconv time / {REFERENCE} time (< 1: jdynconv faster)",
+        f"- checked before timing: outputs / first losses within {CHECK.tolerance:g} relative, gradients of every "
+        f"parameter within {CHECK.grad_tolerance:g}; ratios: jdynconv time / {REFERENCE} time (< 1: jdynconv faster)",
         f"- per round: {SUBJECT} / {REFERENCE} round by round (both timed in every round): its middle half "
         "(25th-75th percentile) and the rounds in which jdynconv was no slower",
-    ]
+    )
 
 
-def report_markdown(metadata: Mapping[str, Any], settings: Settings, case_results: Sequence[Mapping[str, Any]]) -> str:
-    parts = [*header_lines(metadata, settings), "", "## Median times", "", time_table(case_results)]
-    parts += ["", f"## Ratios (/ {REFERENCE})", "", ratio_table(case_results)]
-    parts += [
-        "",
-        f"## Training step = conv alone ({CONV_MODE} pass) + rest (train - {CONV_MODE}, paired per round)",
-        "",
-    ]
-    parts += [*breakdown_lines(case_results)]
-    parts += ["", "## Targets", "", *target_lines(case_results), ""]
+def summary(case_results: Sequence[Mapping[str, Any]]) -> str:
+    """The report's tables: times, ratios, the training step's breakdown, the issue's target."""
+    parts = ["## Median times", "", report.time_table(case_results, MODES, COMPETITORS, case_cell)]
+    parts += ["", f"## Ratios (/ {REFERENCE})", "", ratio_table(case_results), ""]
+    parts += [f"## Training step = conv alone ({CONV_MODE} pass) + rest (train - {CONV_MODE}, paired per round)", ""]
+    parts += [*breakdown_lines(case_results), "", "## Targets", "", *target_lines(case_results)]
     return "\n".join(parts)
 
 
 def write_reports(
-    out_dir: Path,
-    backend: str,
-    metadata: Mapping[str, Any],
-    settings: Settings,
-    case_results: Sequence[Mapping[str, Any]],
-) -> tuple[Path, Path, Path]:
-    stem = f"kernel_mixing_{backend}"
-    json_path, md_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png"))
-    write_json(json_path, {"benchmark": "kernel_mixing", "metadata": dict(metadata), "cases": list(case_results)})
-    md_path.write_text(report_markdown(metadata, settings, case_results))
+    out_dir: Path, backend: str, metadata: Mapping[str, Any], case_results: Sequence[Mapping[str, Any]]
+) -> tuple[Path, ...]:
+    payload = {"benchmark": "kernel_mixing", "metadata": dict(metadata), "cases": list(case_results)}
+    markdown = "\n".join([*header_lines(metadata), "", summary(case_results), ""])
     panels = {
         mode: {
             name.removeprefix("jdynconv "): [ratio_of(case, mode, name) for case in case_results]
@@ -838,105 +622,49 @@ def write_reports(
         }
         for mode in MODES
     }
-    plot_ratio_bars(
-        png_path,
-        groups=[case_cell(case) for case in case_results],
-        panels=panels,
-        title=(
-            f"kernel_mixing, jdynconv / PyTorch reference ({metadata['device_kind']}, jax {metadata['jax']}, "
-            f"torch {metadata.get('torch')}, {metadata['date'][:10]})"
+    return report.write_reports(
+        out_dir / f"kernel_mixing_{backend}",
+        payload,
+        markdown,
+        lambda png: report.plot_ratio_bars(
+            png,
+            groups=[case_cell(case) for case in case_results],
+            panels=panels,
+            title=report.plot_title("kernel_mixing, jdynconv / PyTorch reference", metadata),
+            ylabel="time / PyTorch reference (log scale)",
+            highlight="auto",
         ),
-        ylabel="time / PyTorch reference (log scale)",
-        highlight="auto",
     )
-    return json_path, md_path, png_path
 
 
 # --- CLI ------------------------------------------------------------------------------------------------
 
 
-def select_cases(tokens: Sequence[str] | None) -> list[tuple[int, Case]]:
-    if not tokens:
-        return list(enumerate(CASES))
-    by_name = {case.name: i for i, case in enumerate(CASES)}
-    chosen: list[int] = []
-    for token in (part for raw in tokens for part in raw.split(",") if part):
-        if token.isdigit() and int(token) < len(CASES):
-            chosen.append(int(token))
-        elif token in by_name:
-            chosen.append(by_name[token])
-        else:
-            choices = ", ".join(f"{i}={case.name}" for i, case in enumerate(CASES))
-            raise SystemExit(f"Unknown case {token!r}; choose indices or names among: {choices}.")
-    return [(i, CASES[i]) for i in dict.fromkeys(chosen)]
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    case_list = "; ".join(f"{i}={case.label}" for i, case in enumerate(CASES))
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_ROUNDS} rounds, short samples")
-    parser.add_argument("--rounds", type=int, help=f"timed rounds (default {DEFAULT_ROUNDS}, {QUICK_ROUNDS} quick)")
-    parser.add_argument("--cases", nargs="+", help=f"indices or names, space or comma separated: {case_list}")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON, MD and PNG")
-    return parser.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    # Read when JAX creates its GPU client (lazily, on first use): leave GPU memory to PyTorch as well.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    jax.config.update("jax_default_matmul_precision", "highest")
-    backend = jax.default_backend()
-    torch_device = torch.device("cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu")
-    if torch_device.type == "cuda":
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.benchmark = True  # PyTorch's best: shapes are fixed, so let cuDNN pick
-    settings = Settings(
-        rounds=args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS),
-        min_sample_s=QUICK_MIN_SAMPLE_S if args.quick else DEFAULT_MIN_SAMPLE_S,
+    parser = harness.parser(__doc__, DEFAULTS, Path("benchmarks/results"))
+    case_list = "; ".join(f"{i}={case.label}" for i, case in enumerate(CASES))
+    parser.add_argument("--cases", nargs="+", help=f"indices or names, space or comma separated: {case_list}")
+    args = parser.parse_args(argv)
+    backend = harness.configure_jax()
+    device = harness.torch_device(backend)
+    settings = DEFAULTS.settings(args)
+    metadata = harness.run_metadata(
+        args.quick,
+        device.type,
+        **settings.metadata(),
+        tolerance=CHECK.tolerance,
+        grad_tolerance=CHECK.grad_tolerance,
+        learning_rate=LEARNING_RATE,
+        temperature=TEMPERATURE,
+        references=REFERENCE_SOURCES,
     )
-    cases = select_cases(args.cases)
-    metadata = environment_metadata() | {
-        "torch_device": torch_device.type,
-        "rounds": settings.rounds,
-        "min_sample_ms": settings.min_sample_s * 1e3,
-        "tolerance": TOLERANCE,
-        "grad_tolerance": GRAD_TOLERANCE,
-        "learning_rate": LEARNING_RATE,
-        "temperature": TEMPERATURE,
-        "references": REFERENCE_SOURCES,
-        "quick": args.quick,
-        "command": " ".join(sys.argv),
-    }
-    print("\n".join(header_lines(metadata, settings)) + "\n", flush=True)
-    if backend == "gpu" and torch_device.type != "cuda":
-        log("!! JAX runs on GPU but PyTorch has no CUDA: ratios compare a GPU with the CPU.")
-
-    start = time.perf_counter()
-    case_results: list[dict[str, Any]] = []
-    paths: tuple[Path, ...] = ()
-    for index, case in cases:
-        case_results.append(bench_case(index, case, settings, torch_device))
-        jax.clear_caches()
-        paths = write_reports(args.out, backend, metadata, settings, case_results)
-        log(f"  done in {time.perf_counter() - start:.0f} s so far; results in {paths[0]}")
-
-    print("## Median times\n\n" + time_table(case_results))
-    print(f"\n## Ratios (/ {REFERENCE})\n\n" + ratio_table(case_results))
-    print("\n## Training step = conv alone + rest\n\n" + "\n".join(breakdown_lines(case_results)))
-    print("\n## Targets\n\n" + "\n".join(target_lines(case_results)))
-    print(f"\nWrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.0f} s.")
-    wrong = [
-        f"{case['name']} {name} [{mode}]"
-        for case in case_results
-        for mode in MODES
-        for name, record in case["results"][mode].items()
-        if record["status"] in ("wrong", "error")
-    ]
-    if wrong:
-        print(f"\nNot timed (wrong result or error): {', '.join(wrong)}", file=sys.stderr)
-    return 1 if wrong else 0
+    print("\n".join(header_lines(metadata)) + "\n", flush=True)
+    return harness.run_cases(
+        harness.select(CASES, args.cases),
+        lambda index, case: bench_case(index, case, settings, device),
+        lambda results: write_reports(args.out, backend, metadata, results),
+        summary,
+    )
 
 
 if __name__ == "__main__":

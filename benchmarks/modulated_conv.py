@@ -23,25 +23,21 @@ interleaved shuffled rounds, medians (``_timing``).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import _harness as harness
+import _report as report
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
-from _timing import (
-    environment_metadata,
-    inner_calls,
-    interleaved_medians,
-    markdown_table,
-    plot_ratio_bars,
-    time_calls,
-    write_json,
-)
+from _harness import Settings, log, relative_error
+from _report import environment_metadata, markdown_table, plot_ratio_bars
+from _timing import interleaved_medians, warmed_medians
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -50,6 +46,9 @@ from jdynconv import _modulated
 from parity.nvidia import stylegan2 as nvidia
 
 LATENT_DIM = 512
+TOLERANCE = 1e-4
+# Samples of at least 50 ms and at most 20 calls, quick or not: these calls are long.
+DEFAULTS = harness.Defaults(rounds=7, min_sample_s=0.05, quick_min_sample_s=0.05)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +151,7 @@ def _jax_competitors(case: Case, arrays: dict[str, np.ndarray], fused: bool | st
     return {"fwd": fwd, "train": train}, forward_jit(params, x, latents)
 
 
-def run(cases: tuple[Case, ...], rounds: int, out_dir: Path) -> None:
+def run(cases: tuple[Case, ...], settings: Settings, out_dir: Path) -> None:
     records = []
     for case in cases:
         arrays = _arrays(case)
@@ -163,18 +162,13 @@ def run(cases: tuple[Case, ...], rounds: int, out_dir: Path) -> None:
         expected = np.moveaxis(reference.numpy(), 1, -1)
         for name, fused in (("jdynconv auto", "auto"), ("jdynconv fused", True), ("jdynconv non-fused", False)):
             competitor, out = _jax_competitors(case, arrays, fused)
-            error = float(np.abs(np.asarray(out) - expected).max() / np.abs(expected).max())
-            if error > 1e-4:
+            error = relative_error((np.asarray(out),), (expected,))
+            if not error <= TOLERANCE:
                 raise AssertionError(f"{case.name} {name}: {error:.3g} relative error against NVIDIA's")
             calls[name] = competitor
         for mode in ("fwd", "train"):
             mode_calls = {name: competitor[mode] for name, competitor in calls.items()}
-            for call in mode_calls.values():
-                call()  # compile / warm up
-            inner = {
-                name: inner_calls(call, time_calls(call, 1), 0.05, max_inner=20) for name, call in mode_calls.items()
-            }
-            stats = interleaved_medians(mode_calls, inner, rounds)
+            stats = warmed_medians(mode_calls, settings.rounds, settings.min_sample_s, max_inner=20)
             nvidia_choice = "nvidia fused" if mode == "fwd" else "nvidia non-fused"
             record = {
                 "case": case.name,
@@ -185,20 +179,22 @@ def run(cases: tuple[Case, ...], rounds: int, out_dir: Path) -> None:
                 "ratio_auto_over_nvidia": stats["jdynconv auto"].median_s / stats[nvidia_choice].median_s,
             }
             records.append(record)
-            print(
+            log(
                 f"{case.name} {mode}: "
                 + ", ".join(f"{name} {s.median_s * 1e3:.1f} ms" for name, s in stats.items())
-                + f"; auto / {nvidia_choice} {record['ratio_auto_over_nvidia']:.2f}",
-                flush=True,
+                + f"; auto / {nvidia_choice} {record['ratio_auto_over_nvidia']:.2f}"
             )
-    payload = {"benchmark": "modulated_conv", "metadata": environment_metadata(), "rounds": rounds, "results": records}
+    payload = {
+        "benchmark": "modulated_conv",
+        "metadata": environment_metadata(),
+        "rounds": settings.rounds,
+        "results": records,
+    }
     write_reports(payload, out_dir)
 
 
 def write_reports(payload: dict, out_dir: Path) -> None:
     """``modulated_conv_cpu.{json,md,png}``: medians, and every jdynconv competitor over NVIDIA's choice."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "modulated_conv_cpu.json", payload)
     records = payload["results"]
     names = list(records[0]["competitors"])
     rows = [
@@ -218,9 +214,7 @@ def write_reports(payload: dict, out_dir: Path) -> None:
     )
     table = markdown_table(["case / pass", *names], [row[:-1] for row in rows])
     ratio_table = markdown_table(["case / pass", "auto / nvidia"], [[row[0], row[-1]] for row in rows])
-    (out_dir / "modulated_conv_cpu.md").write_text(header + table + "\n\n" + ratio_table + "\n")
     cases = list(dict.fromkeys(r["case"] for r in records))
-    jdynconv_names = [n for n in names if n.startswith("jdynconv")]
     panels = {
         mode: {
             name: [
@@ -231,17 +225,23 @@ def write_reports(payload: dict, out_dir: Path) -> None:
                 )
                 for case in cases
             ]
-            for name in jdynconv_names
+            for name in names
+            if name.startswith("jdynconv")
         }
         for mode in ("fwd", "train")
     }
-    plot_ratio_bars(
-        out_dir / "modulated_conv_cpu.png",
-        groups=cases,
-        panels=panels,
-        title=f"Modulated convolution: jdynconv over NVIDIA's PyTorch formulation ({meta.get('cpu', '?')})",
-        ylabel="time / NVIDIA's choice (log scale)",
-        highlight="jdynconv auto",
+    report.write_reports(
+        out_dir / "modulated_conv_cpu",
+        payload,
+        header + table + "\n\n" + ratio_table + "\n",
+        lambda png: plot_ratio_bars(
+            png,
+            groups=cases,
+            panels=panels,
+            title=f"Modulated convolution: jdynconv over NVIDIA's PyTorch formulation ({meta.get('cpu', '?')})",
+            ylabel="time / NVIDIA's choice (log scale)",
+            highlight="jdynconv auto",
+        ),
     )
 
 
@@ -263,30 +263,29 @@ def run_rule_grid(rounds: int, out_dir: Path) -> None:
         auto = "fused" if _modulated.use_fused(1, 1, case.size**2) else "non-fused"
         records.append({"case": case.name, "fused_ms": fused_ms, "non_fused_ms": shared_ms, "auto": auto})
         rows.append([case.name, f"{fused_ms:.1f}", f"{shared_ms:.1f}", f"{shared_ms / fused_ms:.2f}", auto])
-        print(rows[-1], flush=True)
-    payload = {"benchmark": "modulated_conv_rule", "metadata": environment_metadata(), "rounds": rounds}
-    write_json(out_dir / "modulated_conv_rule_cpu.json", {**payload, "results": records})
-    meta = payload["metadata"]
+        log(str(rows[-1]))
+    meta = environment_metadata()
     header = (
         f"# Modulated convolution: fused or not (CPU)\n\nMachine: {meta['cpu']}; jax {meta['jax']}; {meta['date']}. "
         f"Made by `python benchmarks/modulated_conv.py --rule-grid`; B 16, 3x3, no resampling, training step, "
         f"{rounds} interleaved rounds, medians in ms.\n\n"
     )
     table = markdown_table(["case", "fused", "non-fused", "non-fused / fused", "auto picks"], rows)
-    (out_dir / "modulated_conv_rule_cpu.md").write_text(header + table + "\n")
+    payload = {"benchmark": "modulated_conv_rule", "metadata": meta, "rounds": rounds, "results": records}
+    report.write_reports(out_dir / "modulated_conv_rule_cpu", payload, header + table + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes, 3 rounds (a smoke run)")
-    parser.add_argument("--rounds", type=int, default=7)
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = harness.parser(
+        __doc__, DEFAULTS, Path(__file__).parent / "results" / "families", quick_help="small shapes, 3 rounds"
+    )
     parser.add_argument("--rule-grid", action="store_true", help="only the fused/non-fused grid behind the rule")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "families")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    settings = DEFAULTS.settings(args)
     if args.rule_grid:
-        run_rule_grid(3 if args.quick else args.rounds, args.out)
+        run_rule_grid(settings.rounds, args.out)
     else:
-        run(QUICK_CASES if args.quick else CASES, 3 if args.quick else args.rounds, args.out)
+        run(QUICK_CASES if args.quick else CASES, settings, args.out)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,11 @@ gradient computed too (a layer inside a network: scaling the activations then ne
 channel attention's gradient). Temperature 1.0 (the end of the original's 30 -> 1 annealing), traced in
 jdynconv. Before anything is timed, every jdynconv forward is checked against the reference's within 1e-4
 relative, and for the training steps the first loss and the gradient of every parameter (and of the input).
-Timing as kernel_mixing.py (its validation and warm-up, reused): interleaved shuffled rounds, medians, ratios
+Timing as kernel_mixing.py (both on ``_harness``: checks, warm-up): interleaved shuffled rounds, medians, ratios
 jdynconv / reference (< 1: jdynconv faster) and per-round paired ratios.
 
 Results go to ``benchmarks/results/odconv/odconv_<backend>.{json,md,png}``: a folder of their own, as
-scaling.py's, since ``benchmarks/summary.py`` renders every top-level results JSON into the README's summary.
+scaling.py's, since ``benchmarks/summary.py`` renders every top-level results JSON into SUMMARY.md.
 
     PYTHONPATH=. python benchmarks/odconv.py                        # -> benchmarks/results/odconv/
     PYTHONPATH=. python benchmarks/odconv.py --quick --out /tmp/bench_odconv
@@ -37,33 +37,22 @@ scaling.py's, since ``benchmarks/summary.py`` renders every top-level results JS
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import os
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import _harness as harness
+import _report as report
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
-from _timing import (
-    PairedRatio,
-    environment_metadata,
-    format_ms,
-    format_paired,
-    format_ratio,
-    interleaved_medians,
-    markdown_table,
-    plot_ratio_bars,
-    write_json,
-)
-from kernel_mixing import Built, Prepared, Reference, Settings, describe, log, prepare
+from _harness import Built, Check, Competitor, Settings, case_fields, run_case
+from _report import format_paired, format_ratio
 
 from jdynconv import _odconv, interop
 from jdynconv import linen as jdc_linen
@@ -79,10 +68,9 @@ REFERENCE_SOURCE = (
 )
 LEARNING_RATE = 1e-2
 TEMPERATURE = 1.0
-DEFAULT_ROUNDS = 10
-DEFAULT_MIN_SAMPLE_S = 0.02
-QUICK_ROUNDS = 3
-QUICK_MIN_SAMPLE_S = 0.005
+DEFAULTS = harness.Defaults(rounds=10)
+# kernel_mixing.py's checks: the output, and the first loss and every gradient of both training passes.
+CHECK = Check(1e-4, 1e-4, {"fwd": "output", "train": "loss", "train+dx": "loss"})
 RESULTS = Path(__file__).resolve().parent / "results" / "odconv"
 
 StateDict = dict[str, np.ndarray]
@@ -174,7 +162,7 @@ def build_jax(placement: str, problem: Problem, mode: str) -> Built:
     temperature = jnp.float32(TEMPERATURE)  # traced: one compiled program serves any temperature
     if mode == "fwd":
         forward = jax.jit(lambda v, x, t: module.apply(v, x, t, use_running_average=True))
-        return Built(lambda: jax.block_until_ready(forward(variables, x, temperature)))
+        return Built(lambda: jax.block_until_ready(forward(variables, x, temperature)), channels_last=True)
 
     def loss_fn(params: Any, stats: Any, inputs: jax.Array, t: jax.Array) -> tuple[jax.Array, Any]:
         y, updates = module.apply(
@@ -260,78 +248,25 @@ def build_torch(device: torch.device, problem: Problem, mode: str) -> Built:
     return Built(run_step, gradients)
 
 
-def builders(device: torch.device) -> dict[str, Callable[[Problem, str], Built]]:
+def competitors(problem: Problem, device: torch.device, mode: str) -> list[Competitor]:
     """The reference first: every other competitor is checked against its result."""
-    jax_builders = {name: functools.partial(build_jax, placement) for name, placement in PLACEMENTS.items()}
-    return {REFERENCE: functools.partial(build_torch, device), **jax_builders}
+    jax_side = [
+        Competitor(name, functools.partial(build_jax, placement, problem)) for name, placement in PLACEMENTS.items()
+    ]
+    return [Competitor(REFERENCE, functools.partial(build_torch, device, problem)), *jax_side]
 
 
 def bench_case(index: int, case: Case, settings: Settings, device: torch.device) -> dict[str, Any]:
     problem = Problem.random(case, seed=index)
-    log(f"[{case.name}: {case.description}] auto -> {case.placements}")
-    prepared: dict[tuple[str, str], Prepared] = {}
-    for mode in MODES:
-        reference: Reference | None = None
-        for name, build in builders(device).items():
-            try:
-                # kernel_mixing's checks: the first loss and every gradient for both training passes.
-                checks = "train" if mode.startswith("train") else mode
-                entry, result = prepare(build(problem, mode), checks, reference, settings)
-            except Exception as error:  # a failing competitor is reported, not fatal
-                entry, result = Prepared("error", f"error ({type(error).__name__})"), None
-                log(f"  {name} [{mode}] raised {error!r}")
-            if name == REFERENCE:
-                if entry.status != "ok" or result is None:
-                    raise RuntimeError(f"The {REFERENCE} failed on {case.name}: {entry.note}")
-                reference = result
-            prepared[name, mode] = entry
-            log(f"  {name:>20} [{mode:>5}] {describe(entry)}")
-
-    timed = {key: entry for key, entry in prepared.items() if entry.status == "ok" and entry.call is not None}
-    stats = interleaved_medians(
-        {f"{name} [{mode}]": entry.call for (name, mode), entry in timed.items()},  # type: ignore[misc]
-        {f"{name} [{mode}]": entry.inner for (name, mode), entry in timed.items()},
-        settings.rounds,
-        seed=index,
-        on_round=lambda r: log(f"  round {r + 1}/{settings.rounds}"),
-    )
-    results: dict[str, dict[str, Any]] = {mode: {} for mode in MODES}
-    medians: dict[str, dict[str, float]] = {mode: {} for mode in MODES}
-    for (name, mode), entry in prepared.items():
-        record: dict[str, Any] = {"status": entry.status}
-        if entry.note:
-            record["note"] = entry.note
-        for field in ("first_call_s", "warm_call_s", "rel_error", "grad_rel_errors"):
-            if getattr(entry, field) is not None:
-                record[field] = getattr(entry, field)
-        if entry.status == "ok":
-            record.update(stats[f"{name} [{mode}]"].as_json())
-            medians[mode][name] = stats[f"{name} [{mode}]"].median_s
-        results[mode][name] = record
-    ratios = {
-        mode: {name: t / medians[mode][REFERENCE] for name, t in medians[mode].items() if name != REFERENCE}
-        for mode in MODES
-        if REFERENCE in medians[mode]
-    }
-    paired = {
-        mode: {
-            name: PairedRatio.of(stats[f"{name} [{mode}]"], stats[f"{REFERENCE} [{mode}]"]).as_json()
-            for name in medians[mode]
-            if name != REFERENCE
-        }
-        for mode in MODES
-        if REFERENCE in medians[mode]
-    }
+    label = f"{case.name}: {case.description}; auto -> {case.placements}"
+    run = run_case(index, label, MODES, functools.partial(competitors, problem, device), settings, CHECK, SUBJECT)
     return {
-        "index": index,
-        "name": case.name,
-        "description": case.description,
-        **{field.name: getattr(case, field.name) for field in dataclasses.fields(case) if field.name != "name"},
+        **case_fields(index, case, case.description),
         "auto_placement": case.placements,
         "reference": REFERENCE_SOURCE,
-        "results": results,
-        "ratios": ratios,
-        "paired_ratios": paired,
+        "results": run.results,
+        "ratios": run.ratios(REFERENCE),
+        "paired_ratios": run.paired(REFERENCE),
     }
 
 
@@ -342,52 +277,24 @@ def ratio_of(case: Mapping[str, Any], mode: str, name: str) -> float | None:
     return case["ratios"].get(mode, {}).get(name)
 
 
-def time_table(case_results: Sequence[Mapping[str, Any]]) -> str:
-    headers = ["case", "pass", *(f"{name} (ms)" for name in COMPETITORS)]
-    rows = []
-    for case in case_results:
-        for mode in MODES:
-            cells = []
-            for name in COMPETITORS:
-                record = case["results"][mode].get(name, {"status": "error", "note": "-"})
-                cells.append(format_ms(record["median_ms"] / 1e3) if record["status"] == "ok" else record["note"])
-            rows.append([case["name"] if mode == MODES[0] else "", mode, *cells])
-    return markdown_table(headers, rows)
-
-
 def ratio_table(case_results: Sequence[Mapping[str, Any]]) -> str:
     jax_names = tuple(PLACEMENTS)
-    headers = [
-        "case",
-        "pass",
-        *(f"{name} / torch" for name in jax_names),
-        *(f"{n} / torch per round" for n in jax_names),
-    ]
-    rows = [
-        [
-            case["name"] if mode == MODES[0] else "",
-            mode,
+    return report.mode_table(
+        ["case", "pass", *(f"{name} / torch" for name in jax_names), *(f"{n} / torch per round" for n in jax_names)],
+        case_results,
+        MODES,
+        lambda case, mode: [
             *(format_ratio(ratio_of(case, mode, name)) for name in jax_names),
             *(format_paired(case["paired_ratios"].get(mode, {}).get(name)) for name in jax_names),
-        ]
-        for case in case_results
-        for mode in MODES
-    ]
-    return markdown_table(headers, rows)
+        ],
+    )
 
 
-def header_lines(metadata: Mapping[str, Any], settings: Settings) -> list[str]:
-    return [
-        "# ODConv: jdynconv vs the original PyTorch formulation",
-        "",
-        f"- date: {metadata['date']}; platform: {metadata['platform']}; CPU: {metadata['cpu']} "
-        f"({metadata['cpu_count']} logical cores)",
-        f"- jax {metadata['jax']} / jaxlib {metadata['jaxlib']}, backend {metadata['jax_backend']}, "
-        f"devices {metadata['jax_devices']} (kind {metadata['device_kind']})",
-        f"- torch {metadata.get('torch')} on {metadata['torch_device']}, "
-        f"torch threads {metadata.get('torch_num_threads')}",
-        f"- float32, precision pinned to highest (no TF32); {settings.rounds} interleaved rounds, medians; "
-        f"samples >= {settings.min_sample_s * 1e3:g} ms",
+def header_lines(metadata: Mapping[str, Any]) -> list[str]:
+    return report.header_lines(
+        "ODConv: jdynconv vs the original PyTorch formulation",
+        metadata,
+        report.timing_line(metadata),
         f"- {REFERENCE}: {REFERENCE_SOURCE}",
         f"- temperature {TEMPERATURE:g} (traced in jdynconv); fwd: eval-mode forward; train: train-mode step, "
         f"loss = mean(y^2), gradients w.r.t. all parameters, SGD(lr={LEARNING_RATE}); train+dx: the same step "
@@ -395,91 +302,58 @@ def header_lines(metadata: Mapping[str, Any], settings: Settings) -> list[str]:
         "- checked before timing: outputs / first losses and every parameter's gradient within 1e-4 relative; "
         f"ratios: jdynconv time / {REFERENCE} time (< 1: jdynconv faster); per round: the middle half of the "
         "per-round ratios and the rounds in which jdynconv was no slower",
-    ]
+    )
 
 
-def report_markdown(metadata: Mapping[str, Any], settings: Settings, case_results: Sequence[Mapping[str, Any]]) -> str:
-    placements = "; ".join(f"{case['name']}: auto -> {case['auto_placement']}" for case in case_results)
-    parts = [*header_lines(metadata, settings), f"- {placements}", "", "## Median times", ""]
-    parts += [time_table(case_results), "", f"## Ratios (/ {REFERENCE})", "", ratio_table(case_results), ""]
-    return "\n".join(parts)
+def summary(case_results: Sequence[Mapping[str, Any]]) -> str:
+    parts = ["## Median times", "", report.time_table(case_results, MODES, COMPETITORS)]
+    return "\n".join([*parts, "", f"## Ratios (/ {REFERENCE})", "", ratio_table(case_results)])
 
 
 def write_reports(
-    out_dir: Path, backend: str, metadata: Mapping[str, Any], settings: Settings, cases: Sequence[Mapping[str, Any]]
-) -> tuple[Path, Path, Path]:
-    stem = f"odconv_{backend}"
-    json_path, md_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png"))
-    write_json(json_path, {"benchmark": "odconv", "metadata": dict(metadata), "cases": list(cases)})
-    md_path.write_text(report_markdown(metadata, settings, cases))
-    plot_ratio_bars(
-        png_path,
-        groups=[case["name"] for case in cases],
-        panels={
-            mode: {
-                name.removeprefix("jdynconv "): [ratio_of(case, mode, name) for case in cases] for name in PLACEMENTS
-            }
-            for mode in MODES
-        },
-        title=(
-            f"odconv, jdynconv / original PyTorch ({metadata['device_kind']}, jax {metadata['jax']}, "
-            f"torch {metadata.get('torch')}, {metadata['date'][:10]})"
+    out_dir: Path, backend: str, metadata: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]
+) -> tuple[Path, ...]:
+    placements = "; ".join(f"{case['name']}: auto -> {case['auto_placement']}" for case in cases)
+    markdown = "\n".join([*header_lines(metadata), f"- {placements}", "", summary(cases), ""])
+    panels = {
+        mode: {name.removeprefix("jdynconv "): [ratio_of(case, mode, name) for case in cases] for name in PLACEMENTS}
+        for mode in MODES
+    }
+    return report.write_reports(
+        out_dir / f"odconv_{backend}",
+        {"benchmark": "odconv", "metadata": dict(metadata), "cases": list(cases)},
+        markdown,
+        lambda png: report.plot_ratio_bars(
+            png,
+            groups=[case["name"] for case in cases],
+            panels=panels,
+            title=report.plot_title("odconv, jdynconv / original PyTorch", metadata),
+            ylabel="time / PyTorch reference (log scale)",
+            highlight="auto",
         ),
-        ylabel="time / PyTorch reference (log scale)",
-        highlight="auto",
     )
-    return json_path, md_path, png_path
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_ROUNDS} rounds, short samples")
-    parser.add_argument("--rounds", type=int, help=f"timed rounds (default {DEFAULT_ROUNDS}, {QUICK_ROUNDS} quick)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for JSON, MD and PNG")
-    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    jax.config.update("jax_default_matmul_precision", "highest")
-    backend = jax.default_backend()
-    device = torch.device("cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.benchmark = True
-    settings = Settings(
-        rounds=args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS),
-        min_sample_s=QUICK_MIN_SAMPLE_S if args.quick else DEFAULT_MIN_SAMPLE_S,
+    args = harness.parser(__doc__, DEFAULTS, RESULTS).parse_args(argv)
+    backend = harness.configure_jax()
+    device = harness.torch_device(backend)
+    settings = DEFAULTS.settings(args)
+    metadata = harness.run_metadata(
+        args.quick,
+        device.type,
+        **settings.metadata(),
+        learning_rate=LEARNING_RATE,
+        temperature=TEMPERATURE,
+        reference=REFERENCE_SOURCE,
     )
-    metadata = environment_metadata() | {
-        "torch_device": device.type,
-        "rounds": settings.rounds,
-        "min_sample_ms": settings.min_sample_s * 1e3,
-        "learning_rate": LEARNING_RATE,
-        "temperature": TEMPERATURE,
-        "reference": REFERENCE_SOURCE,
-        "quick": args.quick,
-        "command": " ".join(sys.argv),
-    }
-    print("\n".join(header_lines(metadata, settings)) + "\n", flush=True)
-    start = time.perf_counter()
-    case_results = [bench_case(index, case, settings, device) for index, case in enumerate(CASES)]
-    paths = write_reports(args.out, backend, metadata, settings, case_results)
-    print("## Median times\n\n" + time_table(case_results))
-    print(f"\n## Ratios (/ {REFERENCE})\n\n" + ratio_table(case_results))
-    print(f"\nWrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.0f} s.")
-    wrong = [
-        f"{case['name']} {name} [{mode}]"
-        for case in case_results
-        for mode in MODES
-        for name, record in case["results"][mode].items()
-        if record["status"] in ("wrong", "error")
-    ]
-    if wrong:
-        print(f"\nNot timed (wrong result or error): {', '.join(wrong)}", file=sys.stderr)
-    return 1 if wrong else 0
+    print("\n".join(header_lines(metadata)) + "\n", flush=True)
+    return harness.run_cases(
+        list(enumerate(CASES)),
+        lambda index, case: bench_case(index, case, settings, device),
+        lambda results: write_reports(args.out, backend, metadata, results),
+        summary,
+    )
 
 
 if __name__ == "__main__":

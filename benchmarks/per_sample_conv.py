@@ -14,36 +14,24 @@ formulation's median time on the same shape and pass: below 1.0 jdynconv is fast
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
-import os
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import _harness as harness
+import _report as report
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _timing import (
-    Call,
-    PairedRatio,
-    environment_metadata,
-    format_ms,
-    format_paired,
-    format_ratio,
-    inner_calls,
-    interleaved_medians,
-    markdown_table,
-    plot_ratio_bars,
-    time_calls,
-    write_json,
-)
+from _harness import Built, Check, Competitor, Settings, run_case
+from _report import format_paired, format_ratio
+from _timing import Call, PairedRatio, time_calls
 
 import jdynconv
 
@@ -53,14 +41,11 @@ TORCH_FORMS = ("grouped", "vmap", "loop")
 # PyTorch's grouped conv is the reference every result is checked against.
 REFERENCE = "torch grouped"
 SUBJECT = "jdynconv auto"
-TOLERANCE = 1e-4
+CHECK = Check(tolerance=1e-4)
 # Lowerings whose cost grows faster than the batch (XLA:CPU's masked grouped / batch-group convs); they
 # are probed on slices of the batch first, so a call that would take minutes is never run in full.
 BATCH_PROBED = frozenset({"jdynconv vmap", "jdynconv grouped"})
-DEFAULT_ROUNDS = 15
-DEFAULT_MIN_SAMPLE_S = 0.02
-QUICK_ROUNDS = 3
-QUICK_MIN_SAMPLE_S = 0.005
+DEFAULTS = harness.Defaults(rounds=15)
 QUICK_SHAPES = ("seed", "2d-a")
 
 
@@ -202,15 +187,6 @@ class Problem:
         )
 
 
-Builder = Callable[[Problem, str], Call]
-
-
-@dataclasses.dataclass(frozen=True)
-class Competitor:
-    name: str
-    build: Builder  # (problem, mode) -> a call that runs once, waits, and returns the result
-
-
 # --- JAX ------------------------------------------------------------------------------------------------
 
 
@@ -320,171 +296,65 @@ def build_torch(form: str, device: torch.device, problem: Problem, mode: str) ->
     return run_backward
 
 
-def competitors(torch_device: torch.device, methods: Sequence[str] = JDYNCONV_METHODS) -> list[Competitor]:
-    """The reference first: its result is what every other competitor is checked against."""
-    torch_side = [
-        Competitor(f"torch {form}", functools.partial(build_torch, form, torch_device)) for form in TORCH_FORMS
-    ]
-    jax_side = [Competitor(f"jdynconv {method}", functools.partial(build_jdynconv, method)) for method in methods]
-    return [*torch_side, *jax_side]
-
-
-# --- Running --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    rounds: int
-    min_sample_s: float
-    max_call_s: float
-
-
-@dataclasses.dataclass
-class Prepared:
-    """A competitor after warm-up and validation: either ready to time, or the reason it is not."""
-
-    status: str  # "ok", "skipped", "wrong" or "error"
-    note: str = ""
-    call: Call | None = None
-    inner: int = 1
-    first_call_s: float | None = None
-    warm_call_s: float | None = None
-    rel_error: float | None = None
-    estimated_call_s: float | None = None
-
-
-def as_numpy(result: object) -> tuple[np.ndarray, ...]:
-    parts = result if isinstance(result, tuple) else (result,)
-    # Copies: a CPU tensor's .numpy() is a view that a later call could overwrite.
-    return tuple(p.detach().cpu().numpy().copy() if isinstance(p, torch.Tensor) else np.array(p) for p in parts)
-
-
-def relative_error(result: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
-    """Largest ``max|a - b| / max|b|`` over the outputs (the result, or both gradients)."""
-    errors = [
-        float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
-        for a, b in zip(result, reference, strict=True)
-    ]
-    return max(errors)
-
-
-def probe_batches(batch: int) -> list[int]:
-    return sorted({b for b in (batch // 16, batch // 4) if 1 <= b < batch})
-
-
-def prepare(
-    competitor: Competitor,
-    mode: str,
-    problem: Problem,
-    reference: tuple[np.ndarray, ...] | None,
-    settings: Settings,
-) -> tuple[Prepared, tuple[np.ndarray, ...]]:
-    """Compiles, validates and probes one competitor; returns it with its (NumPy) result."""
-    skip_note = f"skipped (>{settings.max_call_s:g} s/call)"
-    capped = competitor.name not in (SUBJECT, REFERENCE)
+def probe(build: Callable[[Problem, str], Call], problem: Problem, mode: str, limit_s: float) -> float | None:
+    """The seconds a full-batch call would take, estimated from calls on slices of the batch, once an estimate
+    is over ``limit_s`` (else None): a call that would take minutes is never run in full."""
     batch = problem.shape.batch
-    if competitor.name in BATCH_PROBED:
-        for probe_batch in probe_batches(batch):
-            call = competitor.build(problem.head(probe_batch), mode)
-            call()
-            estimate = time_calls(call, 1) * batch / probe_batch
-            del call
-            if estimate > settings.max_call_s:
-                return Prepared("skipped", skip_note, estimated_call_s=estimate), ()
-    call = competitor.build(problem, mode)
-    start = time.perf_counter()
-    result = as_numpy(call())
-    first_call_s = time.perf_counter() - start
-    rel_error = 0.0 if reference is None else relative_error(result, reference)
-    if not rel_error <= TOLERANCE:
-        note = f"wrong (rel. error {rel_error:.1e})"
-        return Prepared("wrong", note, first_call_s=first_call_s, rel_error=rel_error), result
-    warm_call_s = time_calls(call, 1)
-    if capped and warm_call_s > settings.max_call_s:
-        return Prepared("skipped", skip_note, first_call_s=first_call_s, estimated_call_s=warm_call_s), result
-    inner = inner_calls(call, warm_call_s, settings.min_sample_s)
-    prepared = Prepared(
-        "ok", call=call, inner=inner, first_call_s=first_call_s, warm_call_s=warm_call_s, rel_error=rel_error
-    )
-    return prepared, result
+    for probe_batch in sorted({b for b in (batch // 16, batch // 4) if 1 <= b < batch}):
+        call = build(problem.head(probe_batch), mode)
+        call()
+        estimate = time_calls(call, 1) * batch / probe_batch
+        if estimate > limit_s:
+            return estimate
+    return None
 
 
-def describe(entry: Prepared) -> str:
-    if entry.status == "ok":
-        return (
-            f"compile+first call {format_ms(entry.first_call_s)} ms, warm call {format_ms(entry.warm_call_s)} ms, "
-            f"x{entry.inner} per sample, rel. error {entry.rel_error:.1e}"
+def competitors(
+    problem: Problem, torch_device: torch.device, methods: Sequence[str] = JDYNCONV_METHODS
+) -> list[Competitor]:
+    """The reference first: its result is what every other competitor is checked against. All but the
+    reference and ``jdynconv auto`` are skipped when too slow."""
+    builds: dict[str, Callable[[Problem, str], Call]] = {
+        **{f"torch {form}": functools.partial(build_torch, form, torch_device) for form in TORCH_FORMS},
+        **{f"jdynconv {method}": functools.partial(build_jdynconv, method) for method in methods},
+    }
+    return [
+        Competitor(
+            name,
+            lambda mode, build=build: Built(build(problem, mode)),
+            functools.partial(probe, build, problem) if name in BATCH_PROBED else None,
+            capped=name not in (SUBJECT, REFERENCE),
         )
-    if entry.estimated_call_s is not None:
-        return f"{entry.note}: about {entry.estimated_call_s:.3g} s/call"
-    return entry.note
+        for name, build in builds.items()
+    ]
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def report_names(methods: Sequence[str]) -> list[str]:
+    """The report's columns: jdynconv's methods, then PyTorch's formulations."""
+    return [*(f"jdynconv {method}" for method in methods), *(f"torch {form}" for form in TORCH_FORMS)]
 
 
 def bench_shape(
     index: int, shape: Shape, settings: Settings, torch_device: torch.device, methods: Sequence[str] = JDYNCONV_METHODS
 ) -> dict[str, Any]:
     problem = Problem.random(shape, seed=index)
-    log(f"[{shape.label}] {shape.fwd_gflop:.3g} GFLOP forward")
-    prepared: dict[tuple[str, str], Prepared] = {}
-    for mode in MODES:
-        reference: tuple[np.ndarray, ...] | None = None
-        for competitor in competitors(torch_device, methods):
-            try:
-                entry, result = prepare(competitor, mode, problem, reference, settings)
-            except Exception as error:  # a failing competitor is reported, not fatal
-                entry, result = Prepared("error", f"error ({type(error).__name__})"), ()
-                log(f"  {competitor.name} [{mode}] raised {error!r}")
-            if competitor.name == REFERENCE:
-                if entry.status != "ok":
-                    raise RuntimeError(f"The reference {REFERENCE} failed on {shape.label}: {entry.note}")
-                reference = result
-            prepared[competitor.name, mode] = entry
-            log(f"  {competitor.name:>17} [{mode:>7}] {describe(entry)}")
-        if prepared[SUBJECT, mode].status == "wrong":
-            log(f"  !! {SUBJECT} [{mode}] does not match {REFERENCE}: {prepared[SUBJECT, mode].note}")
-
-    timed = {key: entry for key, entry in prepared.items() if entry.status == "ok"}
-    calls = {f"{name} [{mode}]": entry.call for (name, mode), entry in timed.items() if entry.call is not None}
-    inner = {f"{name} [{mode}]": entry.inner for (name, mode), entry in timed.items()}
-    stats = interleaved_medians(
-        calls,
-        inner,
-        settings.rounds,
-        seed=index,
-        on_round=lambda r: log(f"  round {r + 1}/{settings.rounds}"),
+    label = f"{shape.label}; {shape.fwd_gflop:.3g} GFLOP forward"
+    run = run_case(
+        index, label, MODES, lambda mode: competitors(problem, torch_device, methods), settings, CHECK, SUBJECT
     )
-
-    results: dict[str, dict[str, Any]] = {mode: {} for mode in MODES}
-    medians: dict[str, dict[str, float]] = {mode: {} for mode in MODES}
-    for (name, mode), entry in prepared.items():
-        record: dict[str, Any] = {"status": entry.status}
-        if entry.note:
-            record["note"] = entry.note
-        for field in ("first_call_s", "warm_call_s", "rel_error", "estimated_call_s"):
-            if getattr(entry, field) is not None:
-                record[field] = getattr(entry, field)
-        if entry.status == "ok":
-            stat = stats[f"{name} [{mode}]"]
-            record.update(stat.as_json())
-            medians[mode][name] = stat.median_s
-        results[mode][name] = record
-
     best_torch: dict[str, dict[str, Any]] = {}
     ratios: dict[str, dict[str, float]] = {}
     paired: dict[str, dict[str, Any]] = {}
     for mode in MODES:
-        torch_medians = {n: t for n, t in medians[mode].items() if n.startswith("torch ")}
+        medians = run.medians(mode)
+        torch_medians = {n: t for n, t in medians.items() if n.startswith("torch ")}
         best_name = min(torch_medians, key=torch_medians.__getitem__)
         best_torch[mode] = {"name": best_name, "median_ms": torch_medians[best_name] * 1e3}
         ratios[mode] = {
-            name: t / torch_medians[best_name] for name, t in medians[mode].items() if name.startswith("jdynconv ")
+            name: t / torch_medians[best_name] for name, t in medians.items() if name.startswith("jdynconv ")
         }
-        if SUBJECT in medians[mode]:
-            paired[mode] = PairedRatio.of(stats[f"{SUBJECT} [{mode}]"], stats[f"{best_name} [{mode}]"]).as_json()
+        if SUBJECT in medians:
+            paired[mode] = PairedRatio.of(run.stats[SUBJECT, mode], run.stats[best_name, mode]).as_json()
     return {
         "index": index,
         "name": shape.name,
@@ -498,7 +368,7 @@ def bench_shape(
         "padding": shape.padding,
         "groups": shape.groups,
         "fwd_gflop": shape.fwd_gflop,
-        "results": results,
+        "results": run.results,
         "best_torch": best_torch,
         "ratios": ratios,
         "paired_ratios": paired,
@@ -508,176 +378,103 @@ def bench_shape(
 # --- Reporting ------------------------------------------------------------------------------------------
 
 
-def report_table(shape_results: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
+def report_table(shape_results: Sequence[Mapping[str, Any]], names: Sequence[str]) -> str:
+    def cells(shape: Mapping[str, Any], mode: str) -> list[str]:
+        best = shape["best_torch"][mode]["name"].removeprefix("torch ")
+        ratio = format_ratio(shape["ratios"][mode].get(SUBJECT))
+        per_round = format_paired(shape.get("paired_ratios", {}).get(mode))
+        return [*(report.time_cell(shape["results"][mode].get(name)) for name in names), best, ratio, per_round]
+
     headers = ["shape", "pass", *(f"{n} (ms)" for n in names), "best torch", "auto / best torch", "per round"]
-    rows = []
-    for shape in shape_results:
-        for mode in MODES:
-            cells = []
-            for name in names:
-                record = shape["results"][mode].get(name, {"status": "error", "note": "-"})
-                cells.append(format_ms(record["median_ms"] / 1e3) if record["status"] == "ok" else record["note"])
-            best = shape["best_torch"][mode]["name"].removeprefix("torch ")
-            ratio = shape["ratios"][mode].get(SUBJECT)
-            label = f"{shape['name']}: {shape['description']}" if mode == MODES[0] else ""
-            per_round = format_paired(shape.get("paired_ratios", {}).get(mode))
-            rows.append([label, mode, *cells, best, format_ratio(ratio), per_round])
-    return markdown_table(headers, rows)
+    return report.mode_table(
+        headers, shape_results, MODES, cells, lambda shape: f"{shape['name']}: {shape['description']}"
+    )
 
 
-def header_lines(metadata: dict[str, Any], settings: Settings, grid: Grid = GRIDS["main"]) -> list[str]:
-    torch_where = metadata["torch_device"]
-    if metadata.get("torch_cuda_device") and torch_where == "cuda":
-        torch_where += f" ({metadata['torch_cuda_device']})"
-    return [
-        f"# {grid.title}: jdynconv vs PyTorch",
-        "",
-        f"- date: {metadata['date']}; platform: {metadata['platform']}; CPU: {metadata['cpu']} "
-        f"({metadata['cpu_count']} logical cores)",
-        f"- jax {metadata['jax']} / jaxlib {metadata['jaxlib']}, backend {metadata['jax_backend']}, "
-        f"devices {metadata['jax_devices']} (kind {metadata['device_kind']})",
-        f"- torch {metadata.get('torch')} on {torch_where}, torch threads {metadata.get('torch_num_threads')}",
-        f"- float32, precision pinned to highest (no TF32); {settings.rounds} interleaved rounds, medians; "
-        f"samples >= {settings.min_sample_s * 1e3:g} ms; non-reference competitors slower than "
-        f"{settings.max_call_s:g} s/call are skipped",
+def header_lines(metadata: Mapping[str, Any], grid: Grid) -> list[str]:
+    return report.header_lines(
+        f"{grid.title}: jdynconv vs PyTorch",
+        metadata,
+        report.timing_line(
+            metadata, f"non-reference competitors slower than {metadata['max_call_s']:g} s/call are skipped"
+        ),
         "- fwd+bwd: gradients of sum(y * g) w.r.t. inputs and kernels; ratio = jdynconv auto / fastest PyTorch "
         "(< 1: jdynconv faster)",
         "- per round: the same ratio round by round (both timed in every round): its middle half (25th-75th "
         "percentile) and the rounds in which auto was no slower",
-    ]
+    )
 
 
 def write_reports(
-    out_dir: Path,
-    backend: str,
-    metadata: dict[str, Any],
-    settings: Settings,
-    shape_results: list[dict[str, Any]],
-    grid: Grid = GRIDS["main"],
-) -> tuple[Path, Path, Path]:
-    stem = f"{grid.stem}_{backend}"
-    json_path, md_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png"))
-    write_json(json_path, {"benchmark": "per_sample_conv", "metadata": metadata, "shapes": shape_results})
-    names = [c.name for c in competitors(torch.device("cpu"), grid.methods)]
-    ordered = [n for n in names if n.startswith("jdynconv ")] + [n for n in names if n.startswith("torch ")]
-    table = report_table(shape_results, ordered)
-    md_path.write_text("\n".join([*header_lines(metadata, settings, grid), "", table, ""]))
-    jax_names = [n for n in ordered if n.startswith("jdynconv ")]
+    out_dir: Path, backend: str, metadata: Mapping[str, Any], shape_results: list[dict[str, Any]], grid: Grid
+) -> tuple[Path, ...]:
+    names = report_names(grid.methods)
+    markdown = "\n".join([*header_lines(metadata, grid), "", report_table(shape_results, names), ""])
     panels = {
         mode: {
-            name.removeprefix("jdynconv "): [shape["ratios"][mode].get(name) for shape in shape_results]
-            for name in jax_names
+            method: [shape["ratios"][mode].get(f"jdynconv {method}") for shape in shape_results]
+            for method in grid.methods
         }
         for mode in MODES
     }
-    plot_ratio_bars(
-        png_path,
-        groups=[shape["name"] for shape in shape_results],
-        panels=panels,
-        title=(
-            f"{grid.stem}, jdynconv / fastest PyTorch ({metadata['device_kind']}, jax {metadata['jax']}, "
-            f"torch {metadata.get('torch')}, {metadata['date'][:10]})"
+    return report.write_reports(
+        out_dir / f"{grid.stem}_{backend}",
+        {"benchmark": "per_sample_conv", "metadata": dict(metadata), "shapes": shape_results},
+        markdown,
+        lambda png: report.plot_ratio_bars(
+            png,
+            groups=[shape["name"] for shape in shape_results],
+            panels=panels,
+            title=report.plot_title(f"{grid.stem}, jdynconv / fastest PyTorch", metadata),
+            highlight="auto",
         ),
-        highlight="auto",
     )
-    return json_path, md_path, png_path
 
 
 # --- CLI ------------------------------------------------------------------------------------------------
 
 
 def select_shapes(tokens: Sequence[str] | None, quick: bool, grid: Grid = GRIDS["main"]) -> list[tuple[int, Shape]]:
-    shapes = grid.shapes
-    if not tokens:
-        tokens = grid.quick_shapes if quick else [shape.name for shape in shapes]
-    by_name = {shape.name: i for i, shape in enumerate(shapes)}
-    chosen: list[int] = []
-    for token in (part for raw in tokens for part in raw.split(",") if part):
-        if token.isdigit() and int(token) < len(shapes):
-            chosen.append(int(token))
-        elif token in by_name:
-            chosen.append(by_name[token])
-        else:
-            choices = ", ".join(f"{i}={shape.name}" for i, shape in enumerate(shapes))
-            raise SystemExit(f"Unknown shape {token!r}; choose indices or names among: {choices}.")
-    return [(i, shapes[i]) for i in dict.fromkeys(chosen)]
+    """The shapes named (indices or names within ``grid``); without names, the grid's quick shapes or all."""
+    return harness.select(grid.shapes, tokens or (grid.quick_shapes if quick else None), "shape")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = harness.parser(
+        __doc__,
+        DEFAULTS,
+        Path("benchmarks/results"),
+        quick_help=f"smoke test: {DEFAULTS.quick_rounds} rounds, short samples, the grid's quick shapes or --shapes",
+    )
+    parser.add_argument("--grid", choices=GRIDS, default="main", help="main (default) or depthwise; own report files")
     shape_list = "; ".join(
         f"{name}: " + ", ".join(f"{i}={shape.label}" for i, shape in enumerate(grid.shapes))
         for name, grid in GRIDS.items()
     )
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"smoke test: {QUICK_ROUNDS} rounds, short samples, the grid's first shapes unless --shapes",
-    )
-    parser.add_argument("--rounds", type=int, help=f"timed rounds (default {DEFAULT_ROUNDS}, {QUICK_ROUNDS} quick)")
-    parser.add_argument("--grid", choices=GRIDS, default="main", help="main (default) or depthwise; own report files")
     parser.add_argument(
         "--shapes", nargs="+", help=f"indices or names within the grid, space or comma separated: {shape_list}"
     )
     parser.add_argument("--max-call-s", type=float, default=2.0, help="skip competitors slower than this per call")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for JSON, MD and PNG")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    # Read when JAX creates its GPU client (lazily, on first use): leave GPU memory to PyTorch as well.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    jax.config.update("jax_default_matmul_precision", "highest")
-    backend = jax.default_backend()
-    torch_device = torch.device("cuda" if backend == "gpu" and torch.cuda.is_available() else "cpu")
-    if torch_device.type == "cuda":
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.benchmark = True  # PyTorch's best: shapes are fixed, so let cuDNN pick
-    settings = Settings(
-        rounds=args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS),
-        min_sample_s=QUICK_MIN_SAMPLE_S if args.quick else DEFAULT_MIN_SAMPLE_S,
-        max_call_s=args.max_call_s,
-    )
+    args = parser.parse_args(argv)
+    backend = harness.configure_jax()
+    device = harness.torch_device(backend)
+    settings = DEFAULTS.settings(args, max_call_s=args.max_call_s)
     grid = GRIDS[args.grid]
-    shapes = select_shapes(args.shapes, args.quick, grid)
-    metadata = environment_metadata() | {
-        "torch_device": torch_device.type,
-        "rounds": settings.rounds,
-        "min_sample_ms": settings.min_sample_s * 1e3,
-        "max_call_s": settings.max_call_s,
-        "tolerance": TOLERANCE,
-        "quick": args.quick,
-        "grid": args.grid,
-        "command": " ".join(sys.argv),
-    }
-    print("\n".join(header_lines(metadata, settings, grid)) + "\n", flush=True)
-    if backend == "gpu" and torch_device.type != "cuda":
-        log("!! JAX runs on GPU but PyTorch has no CUDA: ratios compare a GPU with the CPU.")
-
-    start = time.perf_counter()
-    shape_results: list[dict[str, Any]] = []
-    for index, shape in shapes:
-        shape_results.append(bench_shape(index, shape, settings, torch_device, grid.methods))
-        jax.clear_caches()
-        paths = write_reports(args.out, backend, metadata, settings, shape_results, grid)
-        log(f"  done in {time.perf_counter() - start:.0f} s so far; results in {paths[0]}")
-
-    names = [c.name for c in competitors(torch_device, grid.methods)]
-    ordered = [n for n in names if n.startswith("jdynconv ")] + [n for n in names if n.startswith("torch ")]
-    print(report_table(shape_results, ordered))
-    print(f"\nWrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.0f} s.")
-    wrong = [
-        f"{shape['name']} {name} [{mode}]"
-        for shape in shape_results
-        for mode in MODES
-        for name, record in shape["results"][mode].items()
-        if record["status"] in ("wrong", "error")
-    ]
-    if wrong:
-        print(f"\nNot timed (wrong result or error): {', '.join(wrong)}", file=sys.stderr)
-    return 1 if wrong else 0
+    metadata = harness.run_metadata(
+        args.quick,
+        device.type,
+        **settings.metadata(),
+        max_call_s=settings.max_call_s,
+        tolerance=CHECK.tolerance,
+        grid=args.grid,
+    )
+    print("\n".join(header_lines(metadata, grid)) + "\n", flush=True)
+    return harness.run_cases(
+        select_shapes(args.shapes, args.quick, grid),
+        lambda index, shape: bench_shape(index, shape, settings, device, grid.methods),
+        lambda results: write_reports(args.out, backend, metadata, results, grid),
+        lambda results: report_table(results, report_names(grid.methods)),
+    )
 
 
 if __name__ == "__main__":

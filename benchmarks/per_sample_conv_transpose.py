@@ -12,20 +12,25 @@ Passes: ``fwd``; ``grad``: forward and the gradients w.r.t. inputs and kernels o
 checked against PyTorch's within 1e-4 relative first. Interleaved shuffled rounds, medians (``_timing``).
 
     PYTHONPATH=. python benchmarks/per_sample_conv_transpose.py      # -> benchmarks/results/families/
+    PYTHONPATH=. python benchmarks/per_sample_conv_transpose.py --quick --out /tmp/bench_transpose
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
+import _harness as harness
+import _report as report
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _timing import environment_metadata, inner_calls, interleaved_medians, markdown_table, time_calls, write_json
+from _harness import log, relative_error
+from _report import environment_metadata, markdown_table
+from _timing import warmed_medians
 
 import jdynconv as jdc
 
@@ -48,6 +53,9 @@ CASES = (
     Case("32ch_16x16_k3_s2", 64, 32, 32, 16, 3, 2, 1),
 )
 FORMS = ("sub_pixel", "input_dilated")
+TOLERANCE = 1e-4
+# Samples of at least 50 ms and at most 20 calls, quick or not: these calls are long.
+DEFAULTS = harness.Defaults(rounds=7, min_sample_s=0.05, quick_min_sample_s=0.05)
 
 
 def competitors(case: Case) -> tuple[dict[str, dict], np.ndarray, dict[str, jax.Array]]:
@@ -95,24 +103,19 @@ def competitors(case: Case) -> tuple[dict[str, dict], np.ndarray, dict[str, jax.
     return calls, np.moveaxis(expected, 1, -1), outputs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "families")
-    args = parser.parse_args()
+def main(argv: Sequence[str] | None = None) -> None:
+    args = harness.parser(__doc__, DEFAULTS, Path(__file__).parent / "results" / "families").parse_args(argv)
+    settings = DEFAULTS.settings(args)
     records = []
     for case in CASES:
         calls, expected, outputs = competitors(case)
         for form, out in outputs.items():
-            error = float(np.abs(np.asarray(out) - expected).max() / np.abs(expected).max())
-            if error > 1e-4:
+            error = relative_error((np.asarray(out),), (expected,))
+            if not error <= TOLERANCE:
                 raise AssertionError(f"{case.name} {form}: {error:.3g} relative error against PyTorch")
         for mode in ("fwd", "grad"):
             mode_calls = {name: competitor[mode] for name, competitor in calls.items()}
-            for call in mode_calls.values():
-                call()
-            inner = {name: inner_calls(c, time_calls(c, 1), 0.05, max_inner=20) for name, c in mode_calls.items()}
-            stats = interleaved_medians(mode_calls, inner, args.rounds)
+            stats = warmed_medians(mode_calls, settings.rounds, settings.min_sample_s, max_inner=20)
             torch_s = stats["torch grouped"].median_s
             record = {
                 "case": case.name,
@@ -121,15 +124,13 @@ def main() -> None:
                 "ratios_over_torch": {name: s.median_s / torch_s for name, s in stats.items()},
             }
             records.append(record)
-            print(f"{case.name} {mode}: " + ", ".join(f"{n} {s.median_s * 1e3:.1f} ms" for n, s in stats.items()))
-    args.out.mkdir(parents=True, exist_ok=True)
+            log(f"{case.name} {mode}: " + ", ".join(f"{n} {s.median_s * 1e3:.1f} ms" for n, s in stats.items()))
     payload = {
         "benchmark": "per_sample_conv_transpose",
         "metadata": environment_metadata(),
-        "rounds": args.rounds,
+        "rounds": settings.rounds,
         "results": records,
     }
-    write_json(args.out / "per_sample_conv_transpose_cpu.json", payload)
     names = list(records[0]["competitors"])
     rows = [
         [
@@ -142,11 +143,10 @@ def main() -> None:
     header = (
         f"# Per-sample transposed convolution (CPU)\n\nMachine: {meta['cpu']}; jax {meta['jax']}, torch "
         f"{meta.get('torch')}; {meta['date']}. Made by `python benchmarks/per_sample_conv_transpose.py`; "
-        f"{args.rounds} interleaved rounds; medians in ms (time / torch grouped).\n\n"
+        f"{settings.rounds} interleaved rounds; medians in ms (time / torch grouped).\n\n"
     )
-    (args.out / "per_sample_conv_transpose_cpu.md").write_text(
-        header + markdown_table(["case / pass", *names], rows) + "\n"
-    )
+    markdown = header + markdown_table(["case / pass", *names], rows) + "\n"
+    report.write_reports(args.out / "per_sample_conv_transpose_cpu", payload, markdown)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Writes ``results/scaling/scaling_cpu.{json,md,png}``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -33,10 +32,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import _harness as harness
+import _report as report
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._timing import environment_metadata, markdown_table, write_json
+from _report import environment_metadata, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -154,7 +153,6 @@ def compiled_programs() -> dict[str, Any]:
 
 
 def write_report(payload: dict[str, Any], stem: Path) -> None:
-    write_json(stem.with_suffix(".json"), payload)
     weak, compiled = payload["weak_scaling"], payload["compiled"]
     rows = [
         [
@@ -208,8 +206,7 @@ def write_report(payload: dict[str, Any], stem: Path) -> None:
         ),
         "",
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines))
-    _plot(payload, stem.with_suffix(".png"))
+    report.write_reports(stem, payload, "\n".join(lines), lambda png: _plot(payload, png))
 
 
 def _plot(payload: dict[str, Any], path: Path) -> None:
@@ -245,17 +242,21 @@ def _plot(payload: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 3 calls")
-    parser.add_argument("--rounds", type=int, default=15)
+def main(argv: list[str] | None = None) -> None:
+    parser = harness.parser(
+        __doc__.split("\n\n")[0],
+        harness.Defaults(rounds=15),
+        RESULTS / "scaling" / "scaling_cpu",
+        quick_help="3 rounds of 3 calls",
+        # Not among the *.json that summary.py tabulates: the Performance page shows its own table.
+        out_help="path of the reports, without their .json/.md/.png suffix",
+    )
     parser.add_argument("--calls", type=int, default=10, help="steps timed together in a round")
     parser.add_argument("--per-device-batch", type=int, default=16)
     parser.add_argument("--port", type=int, default=12377, help="coordinator port on localhost")
-    # Not among the *.json that summary.py tabulates: its own table is in the README.
-    parser.add_argument("--out", type=Path, default=RESULTS / "scaling" / "scaling_cpu")
-    args = parser.parse_args()
-    rounds, calls = (3, 3) if args.quick else (args.rounds, args.calls)
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 15)
+    calls = 3 if args.quick else args.calls
     payload = {
         "environment": environment_metadata(),
         "per_device_batch": args.per_device_batch,

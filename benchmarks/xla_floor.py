@@ -34,30 +34,21 @@ against PyTorch; they are timed on arrays of the same shapes, with a cotangent i
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import _harness as harness
+import _report as report
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from _timing import (
-    Call,
-    environment_metadata,
-    format_ms,
-    format_ratio,
-    inner_calls,
-    interleaved_medians,
-    markdown_table,
-    plot_ratio_bars,
-    time_calls,
-    write_json,
-)
+from _harness import Settings, log
+from _report import format_ms, format_ratio, mode_table, plot_ratio_bars
+from _timing import Call, warmed_medians
 from per_sample_conv import (
     MODES,
     SHAPES,
@@ -69,10 +60,7 @@ from per_sample_conv import (
     training_pass_call,
 )
 
-DEFAULT_ROUNDS = 11
-QUICK_ROUNDS = 3
-MIN_SAMPLE_S = 0.02
-QUICK_MIN_SAMPLE_S = 0.005
+DEFAULTS = harness.Defaults(rounds=11)
 TORCH = "torch grouped (per-sample)"
 SUBJECT = "jdynconv auto (per-sample)"
 FLOORS = ("XLA shared conv NCHW", "XLA shared conv NHWC", "XLA one matmul")
@@ -155,7 +143,7 @@ def per_sample_matmuls_call(problem: Problem, batched: bool) -> Call:
     return lambda: jax.block_until_ready(forward(patches, kernels))
 
 
-def bench_shape(index: int, shape: Shape, rounds: int, min_sample_s: float) -> dict[str, Any]:
+def bench_shape(index: int, shape: Shape, settings: Settings) -> dict[str, Any]:
     problem = Problem.random(shape, seed=index)
     calls: dict[str, Call] = {}
     for mode in MODES:
@@ -166,17 +154,13 @@ def bench_shape(index: int, shape: Shape, rounds: int, min_sample_s: float) -> d
         calls[f"{FLOORS[2]} [{mode}]"] = one_matmul_call(problem, mode)
     for core, batched in zip(CORES, (False, True), strict=True):
         calls[f"{core} [fwd]"] = per_sample_matmuls_call(problem, batched)
-    inner = {}
-    for name, call in calls.items():
-        call()  # compile and warm up
-        inner[name] = inner_calls(call, time_calls(call, 1), min_sample_s)
-    stats = interleaved_medians(calls, inner, rounds, seed=index)
+    stats = warmed_medians(calls, settings.rounds, settings.min_sample_s, seed=index)
     results: dict[str, dict[str, Any]] = {mode: {} for mode in MODES}
     for key, value in stats.items():
         name, mode = key.removesuffix("]").rsplit(" [", 1)
         results[mode][name] = {"status": "ok", "median_ms": value.median_s * 1e3, "inner": value.inner}
     ratios = {mode: floor_ratios(results[mode]) for mode in MODES}
-    print(f"[{shape.label}] {ratios}", file=sys.stderr, flush=True)
+    log(f"[{shape.label}] {ratios}")
     return {"name": shape.name, "description": shape.description, "results": results, "ratios": ratios}
 
 
@@ -196,76 +180,62 @@ def program_seconds(results: dict[str, dict[str, Any]], name: str) -> float | No
     return results[name]["median_ms"] / 1e3 if name in results else None
 
 
-def report(metadata: dict[str, Any], shapes: Sequence[dict[str, Any]]) -> str:
+def report_table(shapes: Sequence[Mapping[str, Any]]) -> str:
     names = [TORCH, SUBJECT, *FLOORS, *CORES]
-    headers = [
-        "shape",
-        "pass",
-        *(f"{name} (ms)" for name in names),
-        "floor / torch",
-        "im2col core / torch",
-        "auto / floor",
-    ]
-    rows = [
-        [
-            f"{shape['name']}: {shape['description']}" if mode == MODES[0] else "",
-            mode,
+    return mode_table(
+        ["shape", "pass", *(f"{name} (ms)" for name in names), *RATIO_KEYS],
+        shapes,
+        MODES,
+        lambda shape, mode: [
             *(format_ms(program_seconds(shape["results"][mode], name)) for name in names),
             *(format_ratio(shape["ratios"][mode][key]) for key in RATIO_KEYS),
-        ]
-        for shape in shapes
+        ],
+        lambda shape: f"{shape['name']}: {shape['description']}",
+    )
+
+
+def header_lines(metadata: Mapping[str, Any]) -> list[str]:
+    return report.header_lines(
+        "XLA's floor: a shared-kernel conv vs PyTorch's per-sample grouped conv",
+        metadata,
+        f"- float32, precision highest; {metadata['rounds']} interleaved rounds, medians",
+        "- floor = the fastest of XLA's conv with ONE kernel for the whole batch (NCHW, NHWC) and ONE unbatched"
+        " matmul of the im2col contraction's size: the per-sample conv's FLOPs with less work around them."
+        " floor / torch > 1: to match PyTorch there, a lowering to XLA:CPU's conv or matmul would have to beat"
+        " XLA's own dense conv and matmul of the same size (a reference, not a proof of a bound)",
+        "- im2col core = the faster of B unbatched per-sample matmuls (lax.map) and one batched matmul of the"
+        " im2col contraction on ready-made patches, forward only: the matmul work of any im2col lowering, without"
+        " building patches (not two samples a step, as jdynconv runs). im2col core / torch > 1: neither batching"
+        " matches PyTorch's forward there",
+        "- mix-2d is the convolution inside benchmarks/kernel_mixing.py's CondConv and DynamicConv layers",
+    )
+
+
+def write_reports(out_dir: Path, metadata: Mapping[str, Any], shapes: Sequence[Mapping[str, Any]]) -> tuple[Path, ...]:
+    panels = {
+        mode: {
+            label: [shape["ratios"][mode][key] for shape in shapes]
+            for label, key in (
+                ("XLA shared conv (floor)", "floor / torch"),
+                ("XLA im2col core", "im2col core / torch"),
+                ("jdynconv auto", "auto / torch"),
+            )
+        }
         for mode in MODES
-    ]
-    return "\n".join(
-        [
-            "# XLA's floor: a shared-kernel conv vs PyTorch's per-sample grouped conv",
-            "",
-            f"- date: {metadata['date']}; CPU: {metadata['cpu']} ({metadata['cpu_count']} logical cores); "
-            f"jax {metadata['jax']} / jaxlib {metadata['jaxlib']}, backend {metadata['jax_backend']}; "
-            f"torch {metadata.get('torch')}, torch threads {metadata.get('torch_num_threads')}",
-            f"- float32, precision highest; {metadata['rounds']} interleaved rounds, medians",
-            "- floor = the fastest of XLA's conv with ONE kernel for the whole batch (NCHW, NHWC) and ONE unbatched"
-            " matmul of the im2col contraction's size: the per-sample conv's FLOPs with less work around them."
-            " floor / torch > 1: to match PyTorch there, a lowering to XLA:CPU's conv or matmul would have to beat"
-            " XLA's own dense conv and matmul of the same size (a reference, not a proof of a bound)",
-            "- im2col core = the faster of B unbatched per-sample matmuls (lax.map) and one batched matmul of the"
-            " im2col contraction on ready-made patches, forward only: the matmul work of any im2col lowering, without"
-            " building patches (not two samples a step, as jdynconv runs). im2col core / torch > 1: neither batching"
-            " matches PyTorch's forward there",
-            "- mix-2d is the convolution inside benchmarks/kernel_mixing.py's CondConv and DynamicConv layers",
-            "",
-            markdown_table(headers, rows),
-            "",
-        ]
+    }
+    return report.write_reports(
+        out_dir / f"xla_floor_{metadata['jax_backend']}",
+        {"benchmark": "xla_floor", "metadata": dict(metadata), "shapes": list(shapes)},
+        "\n".join([*header_lines(metadata), "", report_table(shapes), ""]),
+        lambda png: plot_ratio_bars(
+            png,
+            groups=[shape["name"] for shape in shapes],
+            panels=panels,
+            title=report.plot_title("XLA's floor vs PyTorch per-sample grouped conv", metadata),
+            ylabel="time / PyTorch grouped conv (log scale)",
+            highlight="XLA shared conv (floor)",
+        ),
     )
-
-
-def write_reports(out_dir: Path, metadata: dict[str, Any], shapes: Sequence[dict[str, Any]]) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"xla_floor_{metadata['jax_backend']}"
-    paths = [stem.with_suffix(f".{ext}") for ext in ("json", "md", "png")]
-    write_json(paths[0], {"benchmark": "xla_floor", "metadata": metadata, "shapes": list(shapes)})
-    paths[1].write_text(report(metadata, shapes))
-    plot_ratio_bars(
-        paths[2],
-        groups=[shape["name"] for shape in shapes],
-        panels={
-            mode: {
-                label: [shape["ratios"][mode][key] for shape in shapes]
-                for label, key in (
-                    ("XLA shared conv (floor)", "floor / torch"),
-                    ("XLA im2col core", "im2col core / torch"),
-                    ("jdynconv auto", "auto / torch"),
-                )
-            }
-            for mode in MODES
-        },
-        title=f"XLA's floor vs PyTorch per-sample grouped conv ({metadata['device_kind']}, jax {metadata['jax']}, "
-        f"torch {metadata.get('torch')}, {metadata['date'][:10]})",
-        ylabel="time / PyTorch grouped conv (log scale)",
-        highlight="XLA shared conv (floor)",
-    )
-    return paths
 
 
 def choose_shapes(tokens: Sequence[str] | None, quick: bool) -> list[tuple[int, Shape]]:
@@ -280,29 +250,23 @@ def choose_shapes(tokens: Sequence[str] | None, quick: bool) -> list[tuple[int, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke test: 3 rounds, shapes seed and 2d-a")
+    parser = harness.parser(
+        __doc__, DEFAULTS, Path(__file__).parent / "results", quick_help="smoke test: 3 rounds, shapes seed and 2d-a"
+    )
     parser.add_argument(
         "--shapes", nargs="+", help="names of per_sample_conv.py's shapes or mix-2d (default: all of them)"
     )
-    parser.add_argument("--rounds", type=int, help=f"timed rounds (default {DEFAULT_ROUNDS}, {QUICK_ROUNDS} quick)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    jax.config.update("jax_default_matmul_precision", "highest")
-    rounds = args.rounds or (QUICK_ROUNDS if args.quick else DEFAULT_ROUNDS)
-    metadata = environment_metadata() | {
-        "torch_device": "cpu",
-        "rounds": rounds,
-        "quick": args.quick,
-        "command": " ".join(sys.argv),
-    }
-    start = time.perf_counter()
-    min_sample_s = QUICK_MIN_SAMPLE_S if args.quick else MIN_SAMPLE_S
-    shapes = [bench_shape(i, shape, rounds, min_sample_s) for i, shape in choose_shapes(args.shapes, args.quick)]
-    paths = write_reports(args.out, metadata, shapes)
-    print(paths[1].read_text())
-    print(f"Wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.0f} s.")
-    return 0
+    harness.configure_jax()
+    settings = DEFAULTS.settings(args)
+    metadata = harness.run_metadata(args.quick, "cpu", rounds=settings.rounds)
+    print("\n".join(header_lines(metadata)) + "\n", flush=True)
+    return harness.run_cases(
+        choose_shapes(args.shapes, args.quick),
+        lambda index, shape: bench_shape(index, shape, settings),
+        lambda shapes: write_reports(args.out, metadata, shapes),
+        report_table,
+    )
 
 
 if __name__ == "__main__":
