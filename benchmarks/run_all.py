@@ -1,7 +1,11 @@
 """Runs every benchmark in this folder in turn, then regenerates SUMMARY.md and the README's summary block.
 
-    PYTHONPATH=. python benchmarks/run_all.py                    # full runs (tens of minutes on 2 cores)
+    PYTHONPATH=. python benchmarks/run_all.py                    # full runs (about an hour on 2 cores)
     PYTHONPATH=. python benchmarks/run_all.py --quick --only kernel_mixing --out-dir /tmp/bench --no-readme
+
+The reports go to ``docs/results/`` (the documentation's Performance page shows them): the benchmarks that
+``summary.py`` tabulates at its top, the others in the subfolders their links expect (``families/``,
+``odconv/``, ``scaling/``).
 
 Each benchmark runs as its own subprocess (``python benchmarks/<name>.py --out DIR [--quick]``), not as
 an imported ``main``: each one sets process-wide state (JAX's default matmul precision, PyTorch's cuDNN
@@ -14,6 +18,7 @@ the others down. Results are summarised even when a benchmark fails, from whatev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -23,13 +28,32 @@ from pathlib import Path
 
 from summary import END_MARKER, REPO_ROOT, SECTIONS, START_MARKER, update_block, write_summary
 
-# Every benchmark the summary knows, in the summary's order; each is benchmarks/<name>.py.
-BENCHMARKS = tuple(SECTIONS)
-# Further runs of a benchmark, with these arguments, after its default one: reports of their own that the
-# summary does not read (per_sample_conv's depthwise grid; the README quotes it in its prose).
-EXTRA_RUNS: dict[str, tuple[tuple[str, ...], ...]] = {"per_sample_conv": (("--grid", "depthwise"),)}
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run of ``benchmarks/<name>.py`` with ``extra`` arguments; its ``--out`` is ``out`` under the
+    output folder (a folder, or for scaling.py the reports' path without suffix)."""
+
+    name: str
+    extra: tuple[str, ...] = ()
+    out: str = ""
+
+
+# Every benchmark the summary knows, in the summary's order, then the families' and scaling's reports, which
+# the Performance page links. per_sample_conv's depthwise grid is a report of its own that the summary does
+# not read (the Performance page's rule for the depthwise method cites it).
+RUNS = (
+    *(Run(name) for name in SECTIONS),
+    Run("per_sample_conv", ("--grid", "depthwise")),
+    Run("modulated_conv", out="families"),
+    Run("per_sample_conv_transpose", out="families"),
+    Run("odconv", out="odconv"),
+    Run("scaling", out="scaling/scaling_cpu"),
+)
+BENCHMARKS = tuple(dict.fromkeys(run.name for run in RUNS))
 BENCHMARK_DIR = Path(__file__).resolve().parent
-DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results"
+# benchmarks/results is a link to this folder.
+DEFAULT_OUT_DIR = REPO_ROOT / "docs" / "results"
 DEFAULT_README = REPO_ROOT / "README.md"
 
 
@@ -39,23 +63,25 @@ def shown(path: Path) -> str:
     return path.relative_to(REPO_ROOT).as_posix() if path.is_relative_to(REPO_ROOT) else os.fspath(path)
 
 
-def benchmark_command(name: str, out_dir: Path, quick: bool, extra: Sequence[str] = ()) -> list[str]:
-    command = [sys.executable, shown(BENCHMARK_DIR / f"{name}.py"), *extra, "--out", shown(out_dir)]
+def benchmark_command(run: Run, out_dir: Path, quick: bool) -> list[str]:
+    out = out_dir / run.out if run.out else out_dir
+    command = [sys.executable, shown(BENCHMARK_DIR / f"{run.name}.py"), *run.extra, "--out", shown(out)]
     return [*command, "--quick"] if quick else command
 
 
 def benchmark_env() -> dict[str, str]:
-    """This environment with the repository root on PYTHONPATH, so ``import jdynconv`` works uninstalled."""
+    """This environment with the repository root on PYTHONPATH: the PyTorch references the benchmarks compare
+    with are imported from ``parity/`` (jdynconv itself is the installed package)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.fspath(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
 
 
-def run_benchmark(name: str, out_dir: Path, quick: bool, extra: Sequence[str] = ()) -> tuple[int, float]:
+def run_benchmark(run: Run, out_dir: Path, quick: bool) -> tuple[int, float]:
     """Runs one benchmark (its output streams through); returns its exit status and wall time."""
     start = time.perf_counter()
     # cwd = the repository root: the scripts' relative defaults and the recorded commands assume it.
-    command = benchmark_command(name, out_dir, quick, extra)
+    command = benchmark_command(run, out_dir, quick)
     completed = subprocess.run(command, cwd=REPO_ROOT, env=benchmark_env(), check=False)
     return completed.returncode, time.perf_counter() - start
 
@@ -96,16 +122,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as error:
             print(f"run_all: {error}; add the marker lines or pass --no-readme", file=sys.stderr)
             return 2
-    names = [name for name in BENCHMARKS if args.only is None or name in args.only]
-    runs = [(name, extra) for name in names for extra in ((), *EXTRA_RUNS.get(name, ()))]
+    runs = [run for run in RUNS if args.only is None or run.name in args.only]
+    names = list(dict.fromkeys(run.name for run in runs))
 
     start = time.perf_counter()
     failed = []
-    for i, (name, extra) in enumerate(runs, 1):
-        label = " ".join([name, *extra])
-        command = " ".join(benchmark_command(name, out_dir, args.quick, extra))
+    for i, run in enumerate(runs, 1):
+        label = " ".join([run.name, *run.extra])
+        command = " ".join(benchmark_command(run, out_dir, args.quick))
         print(f"\n=== [{i}/{len(runs)}] {label}: {command}", flush=True)
-        status, seconds = run_benchmark(name, out_dir, args.quick, extra)
+        status, seconds = run_benchmark(run, out_dir, args.quick)
         print(f"=== [{i}/{len(runs)}] {label}: exit {status} after {seconds:.0f} s", flush=True)
         if status != 0:
             failed.append(label)

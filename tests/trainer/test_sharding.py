@@ -87,7 +87,7 @@ def _free_port() -> int:
 
 
 def _start_two_processes(out_dir: Path) -> list[subprocess.Popen]:
-    """The README's multi-host command: two processes on localhost with two CPU devices each."""
+    """The multi-host command of docs/training.md: two processes on localhost with two CPU devices each."""
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     command = [sys.executable, str(TRAIN_PY), *MULTI_HOST_FLAGS, "--out-dir", str(out_dir)]
