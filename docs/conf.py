@@ -18,6 +18,7 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_opti
 
 from docutils import nodes
 from sphinx.application import Sphinx
+from sphinx.util import inspect as sphinx_inspect
 from sphinx.util import logging
 
 import jdynconv
@@ -47,6 +48,9 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 # Shown by name: jax.typing.ArrayLike expands to an eight-member union otherwise.
 autodoc_type_aliases = {"ArrayLike": "jax.typing.ArrayLike"}
+# Sphinx 9 unwraps the alias on its own but not inside a union, where it shows the placeholder's repr
+# ("TypeAliasForwardRef('jax.typing.ArrayLike') | None", seen on the API pages): the placeholder reads as its name.
+sphinx_inspect.TypeAliasForwardRef.__repr__ = lambda self: self.name  # type: ignore[method-assign]
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
