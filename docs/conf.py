@@ -9,7 +9,11 @@ Build (from the repository root, with the ``docs`` extra installed)::
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import os
+import textwrap
 from typing import Any
 
 # The examples are small and run once: XLA's backend optimisations cost more compile time than they save
@@ -51,7 +55,13 @@ autodoc_type_aliases = {"ArrayLike": "jax.typing.ArrayLike"}
 # Sphinx 9 unwraps the alias on its own but not inside a union, where it shows the placeholder's repr
 # ("TypeAliasForwardRef('jax.typing.ArrayLike') | None", seen on the API pages): the placeholder reads as its name.
 sphinx_inspect.TypeAliasForwardRef.__repr__ = lambda self: self.name  # type: ignore[method-assign]
-autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}
+# parent, name and scope: what every flax.linen module has, documented by Flax.
+autodoc_default_options = {
+    "members": True,
+    "undoc-members": False,
+    "show-inheritance": False,
+    "exclude-members": "parent, name, scope",
+}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_ivar = True  # "Attributes:" as a field list: autodoc documents the dataclass fields once
@@ -77,6 +87,43 @@ def _python_blocks_must_run(app: Sphinx, doctree: nodes.document) -> None:
             _logger.warning("a Python block that is not run: write it as {testcode}", location=block)
 
 
+def _source_defaults(cls: type) -> dict[str, str]:
+    """The default of each annotated class attribute as written in ``cls``'s source (and its jdynconv bases')."""
+    defaults: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not klass.__module__.startswith("jdynconv"):
+            continue
+        source = textwrap.dedent(inspect.getsource(klass))
+        for node in ast.parse(source).body[0].body:  # type: ignore[attr-defined]
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+                defaults[node.target.id] = ast.get_source_segment(source, node.value) or ""
+    return defaults
+
+
+def _linen_signature(
+    app: Sphinx, what: str, name: str, obj: Any, options: Any, signature: str | None, return_annotation: str | None
+) -> tuple[str, str | None] | None:
+    """A flax.linen module's ``__init__`` is a generated dataclass one, whose signature shows defaults by
+    their repr (``kernel_init=<function variance_scaling.<locals>.init>``) and ends in Flax's ``parent``
+    and ``name``: show each default as the source writes it (``kernel_init=default_kernel_init``), without
+    the two fields every linen module has."""
+    if what != "class" or not dataclasses.is_dataclass(obj) or not obj.__module__.startswith("jdynconv"):
+        return None
+    written = _source_defaults(obj)
+    parameters = []
+    for field in dataclasses.fields(obj):
+        if not field.init or field.name in {"parent", "name"}:
+            continue
+        if field.name in written:
+            parameters.append(f"{field.name}={written[field.name]}")
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            parameters.append(field.name)
+        else:
+            parameters.append(f"{field.name}={field.default!r}")
+    return f"({', '.join(parameters)})", return_annotation
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("doctree-read", _python_blocks_must_run)
+    app.connect("autodoc-process-signature", _linen_signature)
     return {"parallel_read_safe": True}
