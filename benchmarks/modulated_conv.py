@@ -1,4 +1,4 @@
-"""StyleGAN2's modulated convolution: jdynconv.modulated_conv against NVIDIA's formulation in PyTorch.
+"""StyleGAN2's modulated convolution: jdynconv.modulated_conv against a PyTorch reference of both its formulations.
 
 Shapes (StyleGAN2's synthesis layers, B = 16, 3x3 kernels, demodulated, padding 1, the [1, 3, 3, 1] filter):
 ``512 -> 512 at 16x16``, ``256 -> 256 at 32x32 -> 64x64`` (``up=2``) and ``128 -> 128 at 128x128``.
@@ -6,15 +6,16 @@ Competitors, same weights and inputs (PyTorch NCHW, JAX NHWC):
 
 - ``jdynconv fused`` / ``jdynconv non-fused``: ``jdynconv.modulated_conv`` with ``fused`` True / False, and
   ``jdynconv auto`` (what ``fused="auto"`` picks: :func:`jdynconv._modulated.use_fused`);
-- ``nvidia fused`` / ``nvidia non-fused``: ``modulated_conv2d`` of stylegan2-ada-pytorch
-  (``parity/nvidia/stylegan2.py``, its reference ``upfirdn2d``: what the original runs on CPU) with
-  ``fused_modconv`` True / False. NVIDIA's synthesis network runs fused for inference and non-fused for
-  training; the ratios compare ``jdynconv auto`` with that choice (``fwd``: fused, ``train``: non-fused).
+- ``reference fused`` / ``reference non-fused``: ``modulated_conv2d`` of ``parity/stylegan2_reference.py`` (our
+  clean-room PyTorch reference: a grouped conv over per-sample kernels, or the styles scaling the activations
+  around one shared conv; a transposed conv then the FIR filter for ``up``) with ``fused_modconv`` True / False.
+  StyleGAN2-ADA's synthesis network runs fused for inference and non-fused for training; the ratios compare
+  ``jdynconv auto`` with that choice (``fwd``: fused, ``train``: non-fused).
 
 Passes: ``fwd`` (PyTorch under ``inference_mode``) and ``train``: styles from an affine of latents
 (``FullyConnectedLayer``, 512-d), loss = mean of the squared output, gradients w.r.t. weight and affine, an
 SGD update (JAX: one jitted step, optax.sgd; PyTorch: backward, step, zero_grad). Outputs are checked
-against NVIDIA's within 1e-4 relative before timing. Timing as the other benchmarks: warm-up excluded,
+against the reference's within 1e-4 relative before timing. Timing as the other benchmarks: warm-up excluded,
 interleaved shuffled rounds, medians (``_timing``).
 
     PYTHONPATH=. python benchmarks/modulated_conv.py               # -> benchmarks/results/families/
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jdynconv as jdc
 from jdynconv import _modulated
-from parity.nvidia import stylegan2 as nvidia
+from parity import stylegan2_reference
 
 LATENT_DIM = 512
 TOLERANCE = 1e-4
@@ -84,13 +85,13 @@ def _torch_competitors(case: Case, arrays: dict[str, np.ndarray], fused: bool) -
     x = torch.tensor(arrays["x"])
     latents = torch.tensor(arrays["latents"])
     params = [torch.tensor(arrays[k], requires_grad=True) for k in ("weight", "affine_weight", "affine_bias")]
-    resample_filter = nvidia.setup_filter([1, 3, 3, 1])
+    resample_filter = stylegan2_reference.setup_filter([1, 3, 3, 1])
     optimizer = torch.optim.SGD(params, lr=1e-3)
 
     def forward() -> torch.Tensor:
         weight, affine_weight, affine_bias = params
         styles = torch.addmm(affine_bias.unsqueeze(0), latents, (affine_weight / np.sqrt(LATENT_DIM)).t())
-        return nvidia.modulated_conv2d(
+        return stylegan2_reference.modulated_conv2d(
             x,
             weight,
             styles,
@@ -157,32 +158,32 @@ def run(cases: tuple[Case, ...], settings: Settings, out_dir: Path) -> None:
         arrays = _arrays(case)
         calls: dict[str, dict] = {}
         torch_fused, reference = _torch_competitors(case, arrays, True)
-        calls["nvidia fused"] = torch_fused
-        calls["nvidia non-fused"] = _torch_competitors(case, arrays, False)[0]
+        calls["reference fused"] = torch_fused
+        calls["reference non-fused"] = _torch_competitors(case, arrays, False)[0]
         expected = np.moveaxis(reference.numpy(), 1, -1)
         for name, fused in (("jdynconv auto", "auto"), ("jdynconv fused", True), ("jdynconv non-fused", False)):
             competitor, out = _jax_competitors(case, arrays, fused)
             error = relative_error((np.asarray(out),), (expected,))
             if not error <= TOLERANCE:
-                raise AssertionError(f"{case.name} {name}: {error:.3g} relative error against NVIDIA's")
+                raise AssertionError(f"{case.name} {name}: {error:.3g} relative error against the reference")
             calls[name] = competitor
         for mode in ("fwd", "train"):
             mode_calls = {name: competitor[mode] for name, competitor in calls.items()}
             stats = warmed_medians(mode_calls, settings.rounds, settings.min_sample_s, max_inner=20)
-            nvidia_choice = "nvidia fused" if mode == "fwd" else "nvidia non-fused"
+            reference_choice = "reference fused" if mode == "fwd" else "reference non-fused"
             record = {
                 "case": case.name,
                 "mode": mode,
                 "auto_fused": _modulated.use_fused(case.up, 1, (case.size * case.up) ** 2),
-                "nvidia_choice": nvidia_choice,
+                "reference_choice": reference_choice,
                 "competitors": {name: s.as_json() for name, s in stats.items()},
-                "ratio_auto_over_nvidia": stats["jdynconv auto"].median_s / stats[nvidia_choice].median_s,
+                "ratio_auto_over_reference": stats["jdynconv auto"].median_s / stats[reference_choice].median_s,
             }
             records.append(record)
             log(
                 f"{case.name} {mode}: "
                 + ", ".join(f"{name} {s.median_s * 1e3:.1f} ms" for name, s in stats.items())
-                + f"; auto / {nvidia_choice} {record['ratio_auto_over_nvidia']:.2f}"
+                + f"; auto / {reference_choice} {record['ratio_auto_over_reference']:.2f}"
             )
     payload = {
         "benchmark": "modulated_conv",
@@ -194,14 +195,14 @@ def run(cases: tuple[Case, ...], settings: Settings, out_dir: Path) -> None:
 
 
 def write_reports(payload: dict, out_dir: Path) -> None:
-    """``modulated_conv_cpu.{json,md,png}``: medians, and every jdynconv competitor over NVIDIA's choice."""
+    """``modulated_conv_cpu.{json,md,png}``: medians, and every jdynconv competitor over the reference's choice."""
     records = payload["results"]
     names = list(records[0]["competitors"])
     rows = [
         [
             f"{r['case']} {r['mode']}",
             *(f"{r['competitors'][n]['median_ms']:.1f}" for n in names),
-            f"{r['ratio_auto_over_nvidia']:.2f}x",
+            f"{r['ratio_auto_over_reference']:.2f}x",
         ]
         for r in records
     ]
@@ -209,17 +210,17 @@ def write_reports(payload: dict, out_dir: Path) -> None:
     header = (
         f"# Modulated convolution (CPU)\n\nMachine: {meta.get('cpu', '?')}; jax {meta.get('jax', '?')}, "
         f"torch {meta.get('torch', '?')}; {meta.get('date', '?')}. Made by `python benchmarks/modulated_conv.py`; "
-        f"{payload['rounds']} interleaved rounds, medians in ms; ratio: jdynconv auto over NVIDIA's own choice for "
-        "the pass (fwd: fused, train: non-fused). ![ratios](modulated_conv_cpu.png)\n\n"
+        f"{payload['rounds']} interleaved rounds, medians in ms; ratio: jdynconv auto over the PyTorch reference in "
+        "StyleGAN2-ADA's choice for the pass (fwd: fused, train: non-fused). ![ratios](modulated_conv_cpu.png)\n\n"
     )
     table = markdown_table(["case / pass", *names], [row[:-1] for row in rows])
-    ratio_table = markdown_table(["case / pass", "auto / nvidia"], [[row[0], row[-1]] for row in rows])
+    ratio_table = markdown_table(["case / pass", "auto / reference"], [[row[0], row[-1]] for row in rows])
     cases = list(dict.fromkeys(r["case"] for r in records))
     panels = {
         mode: {
             name: [
                 next(
-                    r["competitors"][name]["median_ms"] / r["competitors"][r["nvidia_choice"]]["median_ms"]
+                    r["competitors"][name]["median_ms"] / r["competitors"][r["reference_choice"]]["median_ms"]
                     for r in records
                     if r["case"] == case and r["mode"] == mode
                 )
@@ -238,8 +239,8 @@ def write_reports(payload: dict, out_dir: Path) -> None:
             png,
             groups=cases,
             panels=panels,
-            title=f"Modulated convolution: jdynconv over NVIDIA's PyTorch formulation ({meta.get('cpu', '?')})",
-            ylabel="time / NVIDIA's choice (log scale)",
+            title=f"Modulated convolution: jdynconv over the PyTorch reference ({meta.get('cpu', '?')})",
+            ylabel="time / the reference in StyleGAN2-ADA's choice (log scale)",
             highlight="jdynconv auto",
         ),
     )

@@ -1,9 +1,10 @@
-"""Parity of ``jdynconv.modulated_conv`` and ``jdynconv.per_sample_conv_transpose`` with the PyTorch originals.
+"""Parity of ``jdynconv.modulated_conv`` and ``jdynconv.per_sample_conv_transpose`` with PyTorch references.
 
-* ``modulated_conv``: NVIDIA's ``modulated_conv2d`` with ``conv2d_resample`` and the reference ``upfirdn2d``,
-  re-written line by line in ``parity/nvidia/stylegan2.py`` (stylegan2-ada-pytorch, commit d72cc7d). Both
-  of its paths (``fused_modconv`` True and False) against both of jdynconv's, forward and the gradients of
-  ``sum(y * g)`` w.r.t. inputs, weight and styles.
+* ``modulated_conv``: ``modulated_conv2d`` of ``parity/stylegan2_reference.py``, a clean-room PyTorch reference of
+  StyleGAN2's modulated convolution (held to float64 definitions in ``test_stylegan2_reference.py``; compared
+  with NVIDIA's stylegan2-ada-pytorch by ``check_against_nvidia.py``). Both of its paths (``fused_modconv``
+  True and False) against both of jdynconv's, forward and the gradients of ``sum(y * g)`` w.r.t. inputs,
+  weight and styles.
 * ``per_sample_conv_transpose``: ``F.conv_transpose{1,2,3}d`` per sample, in a Python loop.
 
 Tolerance: parity's ``RTOL`` (``conftest.py``).
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import jdynconv as jdc
-from parity.nvidia import stylegan2 as nvidia
+from parity import stylegan2_reference as reference
 
 MODULATED_CASES = [
     # kernel size, up, down, padding, demodulate, flip_weight (SynthesisLayer's: up == 1)
@@ -37,14 +38,14 @@ MODULATED_CASES = [
 
 
 @pytest.mark.parametrize("case", MODULATED_CASES, ids=str)
-def test_modulated_conv_matches_nvidia(case, assert_close) -> None:
+def test_modulated_conv_matches_reference(case, assert_close) -> None:
     kernel_size, up, down, padding, demodulate, flip_weight = case
     rng = np.random.default_rng(kernel_size * 10 + up * 3 + down)
     batch, in_channels, out_channels, size = 3, 5, 4, 8
     x = rng.normal(size=(batch, in_channels, size, size)).astype(np.float32)
     weight = rng.normal(size=(out_channels, in_channels, kernel_size, kernel_size)).astype(np.float32)
     styles = (1 + 0.5 * rng.normal(size=(batch, in_channels))).astype(np.float32)
-    resample_filter = nvidia.setup_filter([1, 3, 3, 1])
+    resample_filter = reference.setup_filter([1, 3, 3, 1])
     cotangent = None
     results = {}
     for fused in (True, False):
@@ -70,7 +71,7 @@ def test_modulated_conv_matches_nvidia(case, assert_close) -> None:
 
     for torch_fused in (True, False):
         tensors = [torch.tensor(a, requires_grad=True) for a in (x, weight, styles)]
-        expected = nvidia.modulated_conv2d(
+        expected = reference.modulated_conv2d(
             *tensors,
             up=up,
             down=down,
@@ -82,7 +83,7 @@ def test_modulated_conv_matches_nvidia(case, assert_close) -> None:
         )
         expected_grads = torch.autograd.grad(expected, tensors, torch.tensor(cotangent))
         for fused, (out, grads) in results.items():
-            label = f"jdynconv fused={fused} vs nvidia fused_modconv={torch_fused}"
+            label = f"jdynconv fused={fused} vs reference fused_modconv={torch_fused}"
             assert_close(out, expected.detach().numpy(), f"{label}: output")
             for name, grad, want in zip(("x", "weight", "styles"), grads, expected_grads, strict=True):
                 assert_close(grad, want.numpy(), f"{label}: d_{name}")

@@ -1,5 +1,6 @@
-"""Parity of ``jdynconv.linen.ModulatedConv`` / ``jdynconv.nnx.ModulatedConv`` with NVIDIA's ``SynthesisLayer`` and
-``ToRGBLayer`` (``parity/nvidia/stylegan2.py``'s ``ModulatedConvLayer``), through ``jdynconv.interop``.
+"""Parity of ``jdynconv.linen.ModulatedConv`` / ``jdynconv.nnx.ModulatedConv`` with StyleGAN2's ``SynthesisLayer``
+and ``ToRGBLayer`` (``parity/stylegan2_reference.py``: clean-room, with stylegan2-ada-pytorch's parameter names),
+through ``jdynconv.interop``.
 
 The PyTorch layer's state dict (initialised by it, then perturbed so no value is at its initial constant) is
 loaded with ``interop.torch_to_linen`` / ``torch_to_nnx``; both run on the same inputs, latents and noise.
@@ -22,7 +23,7 @@ from flax import nnx
 
 from jdynconv import interop, linen
 from jdynconv import nnx as jdc_nnx
-from parity.nvidia import stylegan2 as nvidia
+from parity import stylegan2_reference as reference_layers
 
 BATCH, IN, OUT, LATENT, RES = 2, 6, 5, 8, 8
 
@@ -33,14 +34,15 @@ CASES = {
 }
 
 
-def _layers(name: str) -> tuple[nvidia.ModulatedConvLayer, linen.ModulatedConv, dict]:
+Reference = reference_layers.SynthesisLayer | reference_layers.ToRGBLayer
+
+
+def _layers(name: str) -> tuple[Reference, linen.ModulatedConv, dict]:
     case = dict(CASES[name])
     torch.manual_seed(0)
+    reference: Reference
     if case.pop("to_rgb", False):
-        reference = nvidia.ModulatedConvLayer(
-            IN, OUT, LATENT, kernel_size=1, use_noise=False, activation="linear", resample_filter=None,
-            padding=0, demodulate=False, weight_gain=True,
-        )  # fmt: skip
+        reference = reference_layers.ToRGBLayer(IN, OUT, LATENT, kernel_size=1)
         settings = {
             "kernel_size": 1,
             "padding": 0,
@@ -50,7 +52,7 @@ def _layers(name: str) -> tuple[nvidia.ModulatedConvLayer, linen.ModulatedConv, 
         }
     else:
         up = case["up"]
-        reference = nvidia.ModulatedConvLayer(IN, OUT, LATENT, resolution=RES, use_noise=True, **case)
+        reference = reference_layers.SynthesisLayer(IN, OUT, LATENT, resolution=RES, use_noise=True, **case)
         settings = {
             "kernel_size": case["kernel_size"],
             "up": up,
@@ -65,9 +67,9 @@ def _layers(name: str) -> tuple[nvidia.ModulatedConvLayer, linen.ModulatedConv, 
     return reference, module, settings
 
 
-def _inputs(reference: nvidia.ModulatedConvLayer) -> tuple[np.ndarray, ...]:
+def _inputs(reference: Reference) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(1)
-    size = RES // reference.up
+    size = RES // getattr(reference, "up", 1)  # ToRGBLayer keeps the size
     x = rng.normal(size=(BATCH, IN, size, size)).astype(np.float32)
     latents = rng.normal(size=(BATCH, LATENT)).astype(np.float32)
     noise = rng.normal(size=(BATCH, 1, RES, RES)).astype(np.float32)
@@ -75,7 +77,7 @@ def _inputs(reference: nvidia.ModulatedConvLayer) -> tuple[np.ndarray, ...]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_linen_layer_matches_nvidia(name, assert_close) -> None:
+def test_linen_layer_matches_reference(name, assert_close) -> None:
     reference, module, settings = _layers(name)
     state_dict = {key: value.detach().numpy() for key, value in reference.state_dict().items()}
     variables = interop.torch_to_linen(module, state_dict)
@@ -108,7 +110,7 @@ def test_linen_layer_matches_nvidia(name, assert_close) -> None:
 
 
 @pytest.mark.parametrize("name", ["synthesis_up2_clamp", "to_rgb"])
-def test_nnx_layer_matches_nvidia(name, assert_close) -> None:
+def test_nnx_layer_matches_reference(name, assert_close) -> None:
     reference, _, settings = _layers(name)
     state_dict = {key: value.detach().numpy() for key, value in reference.state_dict().items()}
     kernel = (settings.pop("kernel_size"),) * 2
@@ -134,7 +136,7 @@ def test_a_checkpoint_with_another_filter_is_refused() -> None:
     """The filter is the layer's configuration, not a weight: a SynthesisLayer saved with another filter would
     give other outputs, so loading it is an error that names the buffer (not a silent mismatch)."""
     torch.manual_seed(0)
-    other = nvidia.ModulatedConvLayer(IN, OUT, LATENT, resolution=RES, up=2, resample_filter=(1, 2, 2, 1))
+    other = reference_layers.SynthesisLayer(IN, OUT, LATENT, resolution=RES, up=2, resample_filter=(1, 2, 2, 1))
     module = linen.ModulatedConv(features=OUT, kernel_size=3, up=2, use_noise=True, noise_shape=(RES, RES))
     state_dict = {key: value.detach().numpy() for key, value in other.state_dict().items()}
     with pytest.raises(interop.StateDictError, match=r"value mismatch: resample_filter: expected the module's"):
