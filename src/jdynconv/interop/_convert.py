@@ -20,9 +20,11 @@ from flax import nnx
 from jdynconv.interop._rules import (
     FlaxKey,
     Rule,
+    check_rules,
+    describe,
     flatten_variables,
     flax_from_torch,
-    to_numpy,
+    state_dict_arrays,
     torch_from_flax,
     tree_shapes,
     unflatten_variables,
@@ -48,13 +50,43 @@ class Converter:
     flax_rules: Callable[[Any, FlaxShapes], list[Rule]]
     torch_rules: Callable[[Any, TorchShapes], list[Rule]] | None = None
 
+    def __post_init__(self) -> None:
+        if not callable(self.flax_rules):
+            raise TypeError(
+                f"`flax_rules` must be a callable (module, flax_shapes) -> list[Rule], got {describe(self.flax_rules)}."
+            )
+        if self.torch_rules is not None and not callable(self.torch_rules):
+            raise TypeError(
+                "`torch_rules` must be None or a callable (module, torch_shapes) -> list[Rule], "
+                f"got {describe(self.torch_rules)}."
+            )
+
 
 _LINEN: dict[type, Converter] = {}
 _NNX: dict[type, Converter] = {}
 
 
 def register(module_type: type, converter: Converter) -> None:
-    """Makes ``torch_to_linen``/``linen_to_torch`` (or the NNX pair) accept ``module_type`` and subclasses."""
+    """Makes ``torch_to_linen``/``linen_to_torch`` (or the NNX pair) accept ``module_type`` and subclasses.
+
+    Args:
+      module_type: a flax.linen or flax.nnx Module subclass (the class, not an instance).
+      converter: its :class:`Converter`; a linen module's needs ``torch_rules``.
+
+    Raises:
+      TypeError: ``module_type`` is not a class or not a Module subclass, or ``converter`` is not a
+        :class:`Converter` (whose constructor checks that ``flax_rules`` and ``torch_rules`` are callable).
+      ValueError: a linen module's Converter has no ``torch_rules``.
+    """
+    if not isinstance(module_type, type):
+        instance = f" (an instance; pass the class {type(module_type).__qualname__} itself)"
+        hint = instance if isinstance(module_type, nn.Module | nnx.Module) else ""
+        raise TypeError(
+            f"`module_type` must be a flax.linen or flax.nnx Module subclass, got {describe(module_type)}{hint}."
+        )
+    if not isinstance(converter, Converter):
+        hint = " (wrap a rules function: Converter(flax_rules=..., torch_rules=...))" if callable(converter) else ""
+        raise TypeError(f"`converter` must be a jdynconv.interop.Converter, got {describe(converter)}{hint}.")
     if issubclass(module_type, nn.Module):
         if converter.torch_rules is None:
             raise ValueError(f"A linen module ({module_type.__name__}) needs `torch_rules` in its Converter.")
@@ -86,7 +118,16 @@ def _linen_dtype(module: nn.Module) -> Callable[[FlaxKey], Any]:
     return lambda key: param_dtype if key[0] == "params" else jnp.float32
 
 
-def torch_to_linen(module: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def _rules(converter: Converter, field: str, module: Any, shapes: Mapping[Any, tuple[int, ...]]) -> list[Rule]:
+    """The registered ``flax_rules``/``torch_rules`` of ``module``'s Converter, checked to be a list of Rule."""
+    rules_function = getattr(converter, field)
+    source = f"What the `{field}` registered for {type(module).__qualname__} returns"
+    return check_rules(rules_function(module, shapes), source)
+
+
+def torch_to_linen(
+    module: nn.Module, state_dict: Mapping[str, Any], *, allow_non_finite: bool = False
+) -> dict[str, Any]:
     """PyTorch state dict -> ``variables`` for ``module.apply``; no sample input needed.
 
     Shapes come from the state dict and are checked against the module's attributes. For
@@ -99,23 +140,31 @@ def torch_to_linen(module: nn.Module, state_dict: Mapping[str, Any]) -> dict[str
 
     Args:
       module: a registered linen module, e.g. ``jdynconv.linen.BranchMixConv``.
-      state_dict: PyTorch key -> NumPy array or torch tensor (``load_state_dict``'s output,
+      state_dict: PyTorch key (str) -> NumPy array, JAX array or torch tensor (``load_state_dict``'s output,
         ``torch_model.state_dict()``), any float dtype; cast to the module's ``param_dtype``
         (statistics to float32).
+      allow_non_finite: load values holding NaN or Inf. By default they are refused (a diverged or corrupted
+        checkpoint); pass True to load such weights on purpose.
 
     Returns:
       ``{"params": {...}, "batch_stats": {...}}`` of JAX arrays in Flax layout.
 
     Raises:
+      TypeError: ``module`` is not a registered linen module; ``state_dict`` is not a mapping (``None``, a
+        model instead of its ``state_dict()``), has non-str keys, or values that are not arrays or tensors
+        (named by key).
       StateDictError (a ValueError): every missing key, unexpected key, shape mismatch (expected and
-        received shapes) and non-float value, in one message.
+        received shapes), non-float value and value with NaN or Inf entries (key and count), in one message.
     """
     converter = _converter(module, _LINEN, "linen", "torch_to_nnx / nnx_to_torch")
-    arrays = {key: to_numpy(value) for key, value in state_dict.items()}
-    assert converter.torch_rules is not None  # register() guarantees it for linen modules
-    rules = converter.torch_rules(module, {key: array.shape for key, array in arrays.items()})
+    arrays = state_dict_arrays(state_dict)
+    rules = _rules(converter, "torch_rules", module, {key: array.shape for key, array in arrays.items()})
     return flax_from_torch(
-        rules, arrays, dtype=_linen_dtype(module), what=f"state dict into {type(module).__qualname__}"
+        rules,
+        arrays,
+        dtype=_linen_dtype(module),
+        what=f"state dict into {type(module).__qualname__}",
+        allow_non_finite=allow_non_finite,
     )
 
 
@@ -131,10 +180,16 @@ def linen_to_torch(module: nn.Module, variables: Mapping[str, Any]) -> dict[str,
       ``torch_model.load_state_dict({k: torch.from_numpy(v) ...}, strict=True)``.
 
     Raises:
+      TypeError: ``module`` is not a registered linen module, or ``variables`` is not a mapping.
       StateDictError (a ValueError): every missing, unexpected or mis-shaped variable, in one message.
     """
     converter = _converter(module, _LINEN, "linen", "torch_to_nnx / nnx_to_torch")
-    rules = converter.flax_rules(module, tree_shapes(variables))
+    if not isinstance(variables, Mapping):
+        raise TypeError(
+            "`variables` must be a mapping of collections to variables, as `module.init` returns "
+            f"({{'params': ..., 'batch_stats': ...}}), got {describe(variables)}."
+        )
+    rules = _rules(converter, "flax_rules", module, tree_shapes(variables))
     return torch_from_flax(rules, variables, what=f"{type(module).__qualname__} variables")
 
 
@@ -156,7 +211,7 @@ def _nnx_variables(model: nnx.Module) -> dict[FlaxKey, nnx.Variable]:
     return {(_collection(variable), *path): variable for path, variable in nnx.to_flat_state(state)}
 
 
-def torch_to_nnx(model: nnx.Module, state_dict: Mapping[str, Any]) -> nnx.Module:
+def torch_to_nnx(model: nnx.Module, state_dict: Mapping[str, Any], *, allow_non_finite: bool = False) -> nnx.Module:
     """Loads a PyTorch state dict into an NNX model, in place; returns ``model``.
 
     Shapes are checked against the model's current variables (the mapping is :func:`torch_to_linen`'s)
@@ -165,21 +220,27 @@ def torch_to_nnx(model: nnx.Module, state_dict: Mapping[str, Any]) -> nnx.Module
 
     Args:
       model: a registered NNX model, e.g. ``jdynconv.nnx.BranchMixConv``.
-      state_dict: PyTorch key -> NumPy array or torch tensor, any float dtype.
+      state_dict: PyTorch key (str) -> NumPy array, JAX array or torch tensor, any float dtype.
+      allow_non_finite: load values holding NaN or Inf. By default they are refused (a diverged or corrupted
+        checkpoint); pass True to load such weights on purpose.
 
     Raises:
-      StateDictError (a ValueError): every missing key, unexpected key, shape mismatch and non-float
-        value, in one message. The model is unchanged when it raises.
+      TypeError: ``model`` is not a registered NNX model; ``state_dict`` is not a mapping, has non-str keys,
+        or values that are not arrays or tensors (named by key).
+      StateDictError (a ValueError): every missing key, unexpected key, shape mismatch, non-float value and
+        value with NaN or Inf entries (key and count), in one message. The model is unchanged when it raises.
     """
     converter = _converter(model, _NNX, "nnx", "torch_to_linen / linen_to_torch")
+    arrays = state_dict_arrays(state_dict)
     current = _nnx_variables(model)
-    rules = converter.flax_rules(model, {key: tuple(variable.shape) for key, variable in current.items()})
+    rules = _rules(converter, "flax_rules", model, {key: tuple(variable.shape) for key, variable in current.items()})
     loaded = flatten_variables(
         flax_from_torch(
             rules,
-            state_dict,
+            arrays,
             dtype=lambda key: current[key].dtype if key in current else jnp.float32,
             what=f"state dict into {type(model).__qualname__}",
+            allow_non_finite=allow_non_finite,
         )
     )
     if current.keys() != loaded.keys():
@@ -202,5 +263,5 @@ def nnx_to_torch(model: nnx.Module) -> dict[str, np.ndarray]:
     """
     converter = _converter(model, _NNX, "nnx", "torch_to_linen / linen_to_torch")
     values = {key: np.asarray(variable[...]) for key, variable in _nnx_variables(model).items()}
-    rules = converter.flax_rules(model, {key: value.shape for key, value in values.items()})
+    rules = _rules(converter, "flax_rules", model, {key: value.shape for key, value in values.items()})
     return torch_from_flax(rules, unflatten_variables(values), what=f"{type(model).__qualname__} variables")

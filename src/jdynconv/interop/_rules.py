@@ -191,6 +191,8 @@ class StateDictError(ValueError):
       different: ``(key, expected value, received value)`` for a fixed value (a ``check_value`` rule's) that
         differs.
       not_float: ``(key, dtype)`` for values that should be floating point and are not.
+      non_finite: ``(key, count)`` for every float value holding ``count`` NaN or infinite entries (refused
+        unless the conversion is called with ``allow_non_finite=True``).
     """
 
     def __init__(
@@ -201,12 +203,14 @@ class StateDictError(ValueError):
         mismatched: Sequence[tuple[str, str, str]],
         not_float: Sequence[tuple[str, str]],
         different: Sequence[tuple[str, str, str]] = (),
+        non_finite: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.missing = list(missing)
         self.unexpected = list(unexpected)
         self.mismatched = list(mismatched)
         self.not_float = list(not_float)
         self.different = list(different)
+        self.non_finite = list(non_finite)
         counts = [
             f"{len(items)} {label if len(items) == 1 else plural}"
             for items, label, plural in (
@@ -215,6 +219,7 @@ class StateDictError(ValueError):
                 (mismatched, "shape mismatch", "shape mismatches"),
                 (different, "value mismatch", "value mismatches"),
                 (not_float, "value not floating point", "values not floating point"),
+                (non_finite, "value with NaN or Inf", "values with NaN or Inf"),
             )
             if items
         ]
@@ -224,7 +229,14 @@ class StateDictError(ValueError):
         lines += [f"  shape mismatch: {key}: expected {want}, got {got}" for key, want, got in mismatched]
         lines += [f"  value mismatch: {key}: expected {want}, got {got}" for key, want, got in different]
         lines += [f"  not floating point: {key}: dtype {dtype}" for key, dtype in not_float]
+        lines += [f"  non-finite: {key}: {count} NaN or Inf {_entries(count)}" for key, count in non_finite]
+        if non_finite:
+            lines.append("  (pass allow_non_finite=True to load non-finite values on purpose)")
         super().__init__("\n".join(lines))
+
+
+def _entries(count: int) -> str:
+    return "entry" if count == 1 else "entries"
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -238,6 +250,96 @@ def to_numpy(value: Any) -> np.ndarray:
             tensor = tensor.float()
         return tensor.numpy()
     return np.asarray(value)
+
+
+def is_tensor(value: Any) -> bool:
+    """A torch tensor, recognised without importing torch."""
+    return type(value).__module__.split(".")[0] == "torch" and hasattr(value, "detach")
+
+
+def state_dict_arrays(state_dict: Any, *, name: str = "state_dict") -> dict[str, np.ndarray]:
+    """Checks that ``state_dict`` maps str keys to arrays or tensors and returns them as NumPy arrays.
+
+    Args:
+      state_dict: PyTorch key -> NumPy array, JAX array or torch tensor.
+      name: the argument's name in error messages.
+
+    Returns:
+      The same keys -> NumPy arrays (:func:`to_numpy`).
+
+    Raises:
+      TypeError: ``state_dict`` is not a mapping (``None``, a list, a module), has keys that are not str, or
+        has values that are not arrays or tensors (a nested dict, a str, a Python number); the message names
+        every offending key.
+    """
+    if not isinstance(state_dict, Mapping):
+        hint = " (pass `model.state_dict()`, not the model)" if hasattr(state_dict, "state_dict") else ""
+        raise TypeError(
+            f"`{name}` must be a mapping of PyTorch keys to arrays or tensors, got {describe(state_dict)}{hint}."
+        )
+    not_str = [key for key in state_dict if not isinstance(key, str)]
+    if not_str:
+        raise TypeError(f"`{name}` keys must be str (PyTorch parameter names), got {_listed(not_str)}.")
+    arrays, wrong = {}, []
+    for key, value in state_dict.items():
+        if isinstance(value, Mapping):
+            wrong.append(f"{key!r} (a nested mapping: if it is the state dict, pass checkpoint[{key!r}])")
+            continue
+        if not (isinstance(value, np.ndarray | np.generic) or is_tensor(value) or hasattr(value, "__array__")):
+            wrong.append(f"{key!r} ({describe(value)})")
+            continue
+        try:
+            array = to_numpy(value)
+        except Exception as error:  # a sparse, meta or quantised tensor; a float8 one, which NumPy cannot hold
+            cause = (str(error).strip().splitlines() or [""])[0][:120]
+            wrong.append(f"{key!r} ({describe(value)} that has no NumPy form: {type(error).__name__}: {cause})")
+            continue
+        if not (jnp.issubdtype(array.dtype, jnp.number) or array.dtype == np.bool_):  # str, object, structured
+            wrong.append(f"{key!r} (an array of dtype {array.dtype})")
+            continue
+        arrays[key] = array
+    if wrong:
+        raise TypeError(f"`{name}` values must be arrays or tensors; these are not: {', '.join(wrong)}.")
+    return arrays
+
+
+def describe(value: Any) -> str:
+    """What a caller passed, briefly, for error messages: ``None``, ``str 'abc'``, ``list of length 3``,
+    ``Linear`` (other objects by their type, since a module's repr can run to pages)."""
+    if value is None:
+        return "None"
+    kind = type(value).__qualname__
+    if isinstance(value, str | bytes):
+        text = repr(value)
+        return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
+    if isinstance(value, Sequence):
+        return f"{kind} of length {len(value)}"
+    return kind
+
+
+def _listed(items: Sequence[Any], limit: int = 5) -> str:
+    shown = ", ".join(f"{item!r} ({type(item).__qualname__})" for item in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def non_finite_count(array: np.ndarray) -> int:
+    """How many entries of ``array`` are NaN or infinite; 0 for integer and bool arrays, which cannot be."""
+    if not jnp.issubdtype(array.dtype, jnp.inexact):
+        return 0
+    if array.dtype.kind not in "fc":  # ml_dtypes' bfloat16, float8...: exact in float32
+        array = array.astype(np.float32)
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def check_rules(rules: Any, source: str) -> list[Rule]:
+    """``rules`` as a list, if it is an iterable of :class:`Rule`; otherwise a TypeError naming ``source``."""
+    if isinstance(rules, Rule) or not isinstance(rules, Iterable) or isinstance(rules, str | Mapping):
+        raise TypeError(f"{source} must be a list of jdynconv.interop.Rule, got {describe(rules)}.")
+    rules = list(rules)
+    wrong = [f"item {index}: {describe(rule)}" for index, rule in enumerate(rules) if not isinstance(rule, Rule)]
+    if wrong:
+        raise TypeError(f"{source} must be a list of jdynconv.interop.Rule; these are not: {', '.join(wrong)}.")
+    return rules
 
 
 def _is_float(dtype: np.dtype) -> bool:
@@ -307,23 +409,31 @@ def flax_from_torch(
     *,
     dtype: Callable[[FlaxKey], Any],
     what: str = "state dict",
+    allow_non_finite: bool = False,
 ) -> dict[str, Any]:
     """Converts a PyTorch state dict to nested Flax variables by ``rules``, strictly.
 
     Args:
       rules: one per PyTorch key (see :func:`conv_rules` and friends).
-      state_dict: PyTorch key -> NumPy array or torch tensor, any float dtype (bfloat16 included).
+      state_dict: PyTorch key (str) -> NumPy array, JAX array or torch tensor, any float dtype (bfloat16
+        included).
       dtype: the dtype of each Flax variable, e.g. the module's ``param_dtype`` for ``"params"``.
       what: names the conversion in the error message.
+      allow_non_finite: load float values holding NaN or infinite entries. By default they are refused: a
+        diverged or corrupted checkpoint would otherwise load without a word and turn every output NaN.
 
     Returns:
       ``{"params": {...}, "batch_stats": {...}}`` (whatever collections the rules name) of JAX arrays.
 
     Raises:
-      StateDictError: listing every missing key, unexpected key, shape mismatch and non-float value.
+      TypeError: ``state_dict`` is not a mapping of str keys to arrays or tensors (the message names the
+        offending keys), or ``rules`` is not a list of :class:`Rule`.
+      StateDictError: listing every missing key, unexpected key, shape mismatch, non-float value and
+        (unless ``allow_non_finite``) value with NaN or Inf entries, with how many.
     """
-    arrays = {key: to_numpy(value) for key, value in state_dict.items()}
-    missing, mismatched, not_float, different = [], [], [], []
+    rules = check_rules(rules, "`rules`")
+    arrays = state_dict_arrays(state_dict)
+    missing, mismatched, not_float, different, non_finite = [], [], [], [], []
     slices: dict[str, np.ndarray] = {}
     for rule in rules:
         if rule.torch_key not in arrays:
@@ -338,11 +448,16 @@ def flax_from_torch(
         elif rule.target is not None and not _is_float(value.dtype):
             not_float.append((rule.torch_key, str(value.dtype)))
         elif rule.target is not None:
+            count = 0 if allow_non_finite else non_finite_count(value)
+            if count:
+                non_finite.append((rule.torch_key, count))
             slices[rule.torch_key] = _cast(rule.layout.to_flax(value), dtype(rule.target.key))
     known = {rule.torch_key for rule in rules}
     unexpected = [f"{key} (shape {format_shape(value.shape)})" for key, value in arrays.items() if key not in known]
-    if missing or unexpected or mismatched or not_float or different:
-        raise StateDictError(f"Cannot load the PyTorch {what}", missing, unexpected, mismatched, not_float, different)
+    if missing or unexpected or mismatched or not_float or different or non_finite:
+        raise StateDictError(
+            f"Cannot load the PyTorch {what}", missing, unexpected, mismatched, not_float, different, non_finite
+        )
     flat = {}
     for key, group in _stacks(rules).items():
         if group[0].target is not None and group[0].target.index is None:
@@ -376,8 +491,15 @@ def torch_from_flax(
       Flax counterpart get their rule's ``default``.
 
     Raises:
+      TypeError: ``variables`` is not a mapping, or ``rules`` is not a list of :class:`Rule`.
       StateDictError: listing every missing variable, unexpected variable and shape mismatch.
     """
+    rules = check_rules(rules, "`rules`")
+    if not isinstance(variables, Mapping):
+        raise TypeError(
+            "`variables` must be a mapping of collections to variables ({'params': ..., 'batch_stats': ...}), "
+            f"got {describe(variables)}."
+        )
     flat = {key: np.asarray(value) for key, value in flatten_variables(variables).items()}
     stacks = _stacks(rules)
     missing, mismatched, not_float = [], [], []
