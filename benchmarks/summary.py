@@ -492,7 +492,8 @@ def render_result(result: Result, link_base: Path) -> list[str]:
 
 
 def render_summary(results_dir: Path, *, link_base: Path = REPO_ROOT, benchmarks: Sequence[str] | None = None) -> str:
-    """The markdown summary of every result in ``results_dir`` (of ``benchmarks`` only, when given).
+    """The markdown summary of every result in ``results_dir`` (of ``benchmarks`` only, when given: each of them
+    must have a result there, or it is a FileNotFoundError naming the file, not a summary without it).
 
     Links to the full reports and plots are relative to ``link_base``, the folder of the file the
     summary goes into: the repository root (a README there) by default.
@@ -500,8 +501,13 @@ def render_summary(results_dir: Path, *, link_base: Path = REPO_ROOT, benchmarks
     unknown = sorted(set(benchmarks or ()) - set(SECTIONS))
     if unknown:
         raise ValueError(f"benchmarks: expected names among {', '.join(SECTIONS)}, got {', '.join(unknown)}")
+    results = load_results(results_dir)
+    missing = [name for name in benchmarks or () if name not in {result.benchmark for result in results}]
+    if missing:
+        name = missing[0]
+        raise FileNotFoundError(f"No {name} result ({name}_<device>.json, e.g. {name}_cpu.json) in {results_dir}")
     lines = [GENERATED_NOTE]
-    for result in load_results(results_dir):
+    for result in results:
         if benchmarks is None or result.benchmark in benchmarks:
             lines += ["", *render_result(result, link_base)]
     return "\n".join(lines) + "\n"

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import _harness as harness
 import _report as report
+import run_all
 from _harness import Built, Check, Competitor, Prepared, Reference, Settings
 from _timing import Stats
 
@@ -257,3 +258,60 @@ def test_prepared_record_keeps_only_what_was_measured() -> None:
         "first_call_s": 0.5,
         "rel_error": 1.0,
     }
+
+
+# --- run_all: what it summarises ------------------------------------------------------------------------
+
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
+MARKED_README = "# Project\n\n<!-- benchmark-summary:start -->\nold block\n<!-- benchmark-summary:end -->\n"
+
+
+def run_all_without_benchmarks(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> tuple[int, list[str]]:
+    """``run_all.main(argv)`` with every benchmark a no-op that succeeds (and writes nothing): its exit status
+    and the benchmarks it would have run."""
+    ran: list[str] = []
+
+    def run_benchmark(run: run_all.Run, out_dir: Path, quick: bool) -> tuple[int, float]:
+        ran.append(run.name)
+        return 0, 0.0
+
+    monkeypatch.setattr(run_all, "run_benchmark", run_benchmark)
+    return run_all.main(argv), ran
+
+
+def test_run_all_of_unsummarised_benchmarks_leaves_the_summary_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--only odconv`` into an empty folder: odconv's reports go to a subfolder the summary does not read, so
+    there is nothing to summarise; it says so and rewrites neither SUMMARY.md nor the README's block."""
+    readme = tmp_path / "README.md"
+    readme.write_text(MARKED_README)
+    argv = ["--only", "odconv", "--out-dir", str(tmp_path / "out"), "--readme", str(readme)]
+    status, ran = run_all_without_benchmarks(monkeypatch, argv)
+    assert (status, ran) == (0, ["odconv"])
+    assert "no summary: odconv not among the summarised benchmarks" in capsys.readouterr().out
+    assert readme.read_text() == MARKED_README
+    assert not (tmp_path / "out" / "SUMMARY.md").exists()
+
+
+def test_run_all_fails_when_the_readme_s_result_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's block shows per_sample_conv: with only branch_mix's result there, the run fails and names the
+    missing file instead of emptying the block; nothing is written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "branch_mix_cpu.json").write_text((RESULTS_DIR / "branch_mix_cpu.json").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text(MARKED_README)
+    status, _ = run_all_without_benchmarks(
+        monkeypatch, ["--only", "branch_mix", "--out-dir", str(out), "--readme", str(readme)]
+    )
+    assert status == 1
+    assert "summary not written: No per_sample_conv result (per_sample_conv_<device>.json" in capsys.readouterr().err
+    assert readme.read_text() == MARKED_README
+    assert not (out / "SUMMARY.md").exists()
+    # Without the README, SUMMARY.md tabulates what is there.
+    status, _ = run_all_without_benchmarks(monkeypatch, ["--only", "branch_mix", "--out-dir", str(out), "--no-readme"])
+    assert status == 0
+    assert "### BranchMixConv" in (out / "SUMMARY.md").read_text()

@@ -265,6 +265,15 @@ def test_empty_results_dir(tmp_path: Path) -> None:
         summary.render_summary(tmp_path)
 
 
+def test_a_selected_benchmark_without_a_result_is_named(tmp_path: Path) -> None:
+    """The README's block asks for per_sample_conv: without its result, an error naming the file, not an empty
+    block."""
+    shutil.copy(RESULTS_DIR / "branch_mix_cpu.json", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"No per_sample_conv result \(per_sample_conv_<device>\.json"):
+        summary.render_summary(tmp_path, benchmarks=summary.README_BENCHMARKS)
+    assert "### BranchMixConv" in summary.render_summary(tmp_path)  # SUMMARY.md shows what there is
+
+
 def test_gpu_quick_run_without_study_or_plot(tmp_path: Path) -> None:
     """A GPU smoke run: device from the file name, quick marked, a failed competitor shown, no study."""
     metadata = {
@@ -366,6 +375,20 @@ def test_cli_leaves_a_readme_without_markers_alone(tmp_path: Path) -> None:
     readme.write_text("# No markers\n")
     assert summary.main(["--results-dir", str(results), "--readme", str(readme)]) == 1
     assert readme.read_text() == "# No markers\n"
+    assert not (results / "SUMMARY.md").exists()
+
+
+def test_cli_fails_without_the_readme_s_result_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(RESULTS_DIR / "branch_mix_cpu.json", results)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Project\n\n{START}\nold block\n{END}\n")
+    assert summary.main(["--results-dir", str(results), "--readme", str(readme)]) == 1
+    assert "summary: No per_sample_conv result (per_sample_conv_<device>.json" in capsys.readouterr().err
+    assert readme.read_text() == f"# Project\n\n{START}\nold block\n{END}\n"
     assert not (results / "SUMMARY.md").exists()
 
 

@@ -32,6 +32,20 @@ def test_submodules_are_attributes_imported_on_first_use() -> None:
     )
 
 
+def test_import_loads_neither_flax_nor_optax_nor_torch() -> None:
+    """``import jdynconv`` costs about what ``import jax`` does: the functional API and the families' maths need
+    neither Flax (which loads optax and would double the import time; ``jdynconv.linen``/``.nnx`` import it on
+    first use) nor torch. A check of ``sys.modules``, not of a time."""
+    _run(
+        "import sys\n"
+        "import jdynconv\n"
+        "heavy = [name for name in sys.modules if name.split('.')[0] in ('flax', 'optax', 'torch')]\n"
+        "assert not heavy, f'import jdynconv imported {sorted(heavy)[:10]}'\n"
+        "import jdynconv.linen\n"
+        "assert 'flax.linen' in sys.modules  # the check above would see flax had it been imported\n"
+    )
+
+
 def test_unknown_attribute_is_an_attribute_error() -> None:
     import jdynconv
 
@@ -66,3 +80,43 @@ def test_tests_run_against_the_installed_package() -> None:
         wheel = Path(os.environ["JDYNCONV_EXPECT_WHEEL"]).resolve()
         assert direct_url["url"] == wheel.as_uri()
         assert wheel.name.startswith(f"jdynconv-{dist.version}-")
+
+
+@pytest.mark.parametrize("promotion", ["standard", "strict"])
+@pytest.mark.parametrize("dtype", [None, "float32", "bfloat16", "int32"])
+def test_promote_dtype_is_flax_s(dtype: str | None, promotion: str) -> None:
+    """jdynconv's copy of ``flax.nnx.nn.dtypes.promote_dtype`` (kept so that ``import jdynconv`` needs no Flax) gives
+    Flax's dtypes and values, None entries included, and raises where Flax raises."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax.nnx.nn.dtypes import promote_dtype as flax_promote_dtype
+
+    from jdynconv._dtypes import promote_dtype
+
+    cases = [
+        (jnp.ones(2, jnp.bfloat16), None, np.float64(2.5)),
+        (jnp.arange(3, dtype=jnp.int8), 2),
+        (jnp.ones(2, jnp.float16), jnp.ones(1, jnp.float32), None),
+        (None, np.ones(2, np.float32)),
+        (jnp.array([True, False]),),
+    ]
+    with jax.numpy_dtype_promotion(promotion):
+        for args in cases:
+            for inexact in (True, False):
+                try:
+                    expected = flax_promote_dtype(args, dtype=dtype, inexact=inexact)
+                except (TypeError, ValueError) as error:
+                    with pytest.raises(type(error), match=re.escape(str(error))):
+                        promote_dtype(args, dtype=dtype, inexact=inexact)
+                    continue
+                got = promote_dtype(args, dtype=dtype, inexact=inexact)
+                assert isinstance(got, tuple)
+                assert len(got) == len(expected)
+                for a, b in zip(got, expected, strict=True):
+                    assert (a is None) == (b is None)
+                    if b is not None:
+                        assert a.dtype == b.dtype
+                        np.testing.assert_array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64))

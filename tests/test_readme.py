@@ -41,6 +41,11 @@ def test_exactly_two_setup_commands_and_ci_runs_the_test_one() -> None:
     assert test_command.endswith(".venv/bin/python -m pytest -q -n 2")
     ci = (README.parent / ".ci" / "run").read_text().splitlines()
     assert test_command in ci
+    # A failure of any command in the line fails CI: errexit stops only at the last command of an && list, so
+    # the line runs in a subshell of its own, whose non-zero exit does stop the script.
+    assert "set -euo pipefail" in ci
+    line = ci.index(test_command)
+    assert (ci[line - 1], ci[line + 1]) == ("(", ")")
 
 
 def test_train_commands_use_flags_train_py_accepts() -> None:
