@@ -97,7 +97,9 @@ def register(module_type: type, converter: Converter) -> None:
         raise TypeError(f"`module_type` must be a flax.linen or flax.nnx Module subclass, got {module_type!r}.")
 
 
-def _converter(module: Any, registry: dict[type, Converter], api: str, instead: str) -> Converter:
+def _converter(
+    module: Any, registry: dict[type, Converter], api: str, instead: str, argument: str = "module"
+) -> Converter:
     for cls in type(module).__mro__:
         if cls in registry:
             return registry[cls]
@@ -107,7 +109,7 @@ def _converter(module: Any, registry: dict[type, Converter], api: str, instead: 
     hint = f" (a flax.{other} module: use {instead})" if isinstance(module, other_base) else ""
     name = f"{type(module).__module__}.{type(module).__qualname__}"
     raise TypeError(
-        f"`module` must be a registered flax.{api} module ({known}), got {name}{hint}; "
+        f"`{argument}` must be a registered flax.{api} module ({known}), got {name}{hint}; "
         "register others with jdynconv.interop.register."
     )
 
@@ -230,7 +232,7 @@ def torch_to_nnx(model: nnx.Module, state_dict: Mapping[str, Any], *, allow_non_
       StateDictError (a ValueError): every missing key, unexpected key, shape mismatch, non-float value and
         value with NaN or Inf entries (key and count), in one message. The model is unchanged when it raises.
     """
-    converter = _converter(model, _NNX, "nnx", "torch_to_linen / linen_to_torch")
+    converter = _converter(model, _NNX, "nnx", "torch_to_linen / linen_to_torch", "model")
     arrays = state_dict_arrays(state_dict)
     current = _nnx_variables(model)
     rules = _rules(converter, "flax_rules", model, {key: tuple(variable.shape) for key, variable in current.items()})
@@ -261,7 +263,7 @@ def nnx_to_torch(model: nnx.Module) -> dict[str, np.ndarray]:
     Returns:
       PyTorch key -> contiguous NumPy array in PyTorch layout (as :func:`linen_to_torch`).
     """
-    converter = _converter(model, _NNX, "nnx", "torch_to_linen / linen_to_torch")
+    converter = _converter(model, _NNX, "nnx", "torch_to_linen / linen_to_torch", "model")
     values = {key: np.asarray(variable[...]) for key, variable in _nnx_variables(model).items()}
     rules = _rules(converter, "flax_rules", model, {key: value.shape for key, value in values.items()})
     return torch_from_flax(rules, unflatten_variables(values), what=f"{type(model).__qualname__} variables")

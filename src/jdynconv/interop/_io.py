@@ -201,6 +201,8 @@ def load_state_dict(path: str | os.PathLike[str], *, allow_non_finite: bool = Fa
       FileNotFoundError: no such file.
       ImportError: torch (``.pt``) or safetensors (``.safetensors``) is not installed.
     """
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"`path` must be a str or os.PathLike file path, got {path!r}.")
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):

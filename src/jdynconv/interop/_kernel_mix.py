@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,16 @@ from jdynconv import _kernel_mix
 from jdynconv import linen as jdc_linen
 from jdynconv import nnx as jdc_nnx
 from jdynconv.interop._convert import Converter, FlaxShapes, TorchShapes, register
+from jdynconv.interop._from_torch import (
+    TorchModule,
+    TorchPort,
+    fitting_ratio,
+    ints,
+    register_torch_layer,
+    require,
+    state_dict_of,
+    torch_padding,
+)
 from jdynconv.interop._rules import (
     LINEAR_LAYOUT,
     VECTOR_LAYOUT,
@@ -48,6 +59,7 @@ from jdynconv.interop._rules import (
     Rule,
     ShapeSpec,
     Target,
+    check_sizes,
     format_shape,
     linear_rules,
 )
@@ -122,9 +134,12 @@ def cond_conv_rules(
     """The rules of one CondConv whose PyTorch twin is timm's ``CondConv2d`` plus ``routing_fn``.
 
     Args:
-      num_experts, features, use_bias: the module's k, F and ``use_bias``.
-      in_features: C_in (the routing Linear's inputs); in_features_per_group: ``C_in // G``.
+      num_experts: the module's k.
+      features: the module's F.
+      in_features: C_in (the routing Linear's inputs).
+      in_features_per_group: ``C_in // G``.
       kernel_size: one size per spatial dim.
+      use_bias: the module's ``use_bias``.
       torch_prefix: the PyTorch module's path in a bigger model, e.g. ``"block1."``.
       routing_prefix: the routing ``nn.Linear``'s path, ``f"{torch_prefix}routing_fn"`` by default (in
         timm's ``CondConvResidual`` one ``routing_fn`` next to the ``CondConv2d`` layers routes them all).
@@ -133,6 +148,13 @@ def cond_conv_rules(
       Rules for ``weight (k, F * C_in // G * prod(K))``, ``bias (k, F)``, ``routing_fn.weight (k, C_in)``
       and ``routing_fn.bias (k,)``.
     """
+    check_sizes(
+        num_experts=num_experts,
+        features=features,
+        in_features=in_features,
+        in_features_per_group=in_features_per_group,
+        kernel_size=kernel_size,
+    )
     view = (num_experts, features, in_features_per_group, *kernel_size)
     torch_shape = (num_experts, _product(view[1:]))
     layout = ReshapedPermutation(_bank_layout(len(kernel_size)), view=view, torch_shape=torch_shape)
@@ -163,16 +185,27 @@ def dynamic_conv_rules(
     """The rules of one DynamicConv whose PyTorch twin has the Dynamic Convolution layout.
 
     Args:
-      num_experts, features, use_bias: the module's k, F and ``use_bias``.
-      in_features: C_in; in_features_per_group: ``C_in // G``.
+      num_experts: the module's k.
+      features: the module's F.
+      in_features: C_in.
+      in_features_per_group: ``C_in // G``.
       hidden_features: the attention's hidden width, ``int(C_in * ratio) + 1``.
       kernel_size: one size per spatial dim (also the number of trailing 1s of the attention's 1x1 convs).
+      use_bias: the module's ``use_bias``.
       torch_prefix: the PyTorch module's path in a bigger model, e.g. ``"block1."``.
 
     Returns:
       Rules for ``attention.fc1.weight (hidden, C_in, 1...)``, ``attention.fc2.weight (k, hidden, 1...)``,
       ``attention.fc2.bias (k,)``, ``weight (k, F, C_in // G, *K)`` and ``bias (k, F)``.
     """
+    check_sizes(
+        num_experts=num_experts,
+        features=features,
+        in_features=in_features,
+        in_features_per_group=in_features_per_group,
+        hidden_features=hidden_features,
+        kernel_size=kernel_size,
+    )
     num_spatial = len(kernel_size)
     rules = [
         _dense_1x1_rule(
@@ -349,3 +382,104 @@ register(jdc_linen.CondConv, Converter(flax_rules=_cond_conv_flax_rules, torch_r
 register(jdc_nnx.CondConv, Converter(flax_rules=_nnx_cond_conv_rules))
 register(jdc_linen.DynamicConv, Converter(flax_rules=_dynamic_conv_flax_rules, torch_rules=_dynamic_conv_torch_rules))
 register(jdc_nnx.DynamicConv, Converter(flax_rules=_nnx_dynamic_conv_rules))
+
+
+# --- from_torch: timm's CondConv2d and the Dynamic Convolution layers ------------------------------------
+
+
+def _cond_conv_port(module: TorchModule) -> TorchPort:
+    """timm's ``CondConv2d`` (and subclasses, e.g. with a ``routing_fn``): every setting from its attributes.
+
+    timm's ``padding=""`` default and integer paddings are symmetric ints (explicit pads here); its ``"same"``
+    that needs run-time padding (``dynamic_padding``) is TensorFlow's SAME, which is JAX's ``"SAME"``. The routing
+    is ``routing_fn`` (an ``nn.Linear(C_in, k)``, as timm's ``CondConvResidual``) when the module has one:
+    CondConv then computes ``sigmoid(routing_fn(mean of x))``, as timm's block. ``CondConv2d`` alone takes its
+    routing weights as a call argument; the port then has zero routing weights, and must be called with
+    ``routing_weights`` ``(B, k)``, as the PyTorch layer is.
+    """
+    require(
+        module,
+        "timm's CondConv2d",
+        "weight",
+        "bias",
+        "num_experts",
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+    )
+    kernel_size = tuple(int(k) for k in module.kernel_size)
+    rank = len(kernel_size)
+    dilation = ints(module.dilation, rank, "dilation")
+    dynamic = bool(getattr(module, "dynamic_padding", False))
+    padding: Any = "SAME" if dynamic else torch_padding(module.padding, kernel_size, dilation)
+    state_dict = state_dict_of(module)
+    k, in_channels = int(module.num_experts), int(module.in_channels)
+    if getattr(module, "routing_fn", None) is None:
+        state_dict["routing_fn.weight"] = np.zeros((k, in_channels), np.float32)
+        state_dict["routing_fn.bias"] = np.zeros((k,), np.float32)
+    attributes = {
+        "features": int(module.out_channels),
+        "kernel_size": kernel_size,
+        "num_experts": k,
+        "strides": ints(module.stride, rank, "stride"),
+        "padding": padding,
+        "kernel_dilation": dilation,
+        "feature_group_count": int(module.groups),
+        "use_bias": module.bias is not None,
+    }
+    return TorchPort(jdc_linen.CondConv, jdc_nnx.CondConv, attributes, {"in_features": in_channels}, state_dict)
+
+
+def _dynamic_conv_port(module: TorchModule) -> TorchPort:
+    """The Dynamic Convolution layout (kaijieshi7's ``Dynamic_conv{1,2,3}d``): weight ``(k, F, C_in // G, *K)``,
+    attention ``fc1`` (no bias), ``fc2`` (bias) and its stored ``temperature``; the hidden width's ratio is not
+    stored, so ``ratio`` is one that gives ``attention.fc1``'s width (0.25 when that fits)."""
+    require(
+        module,
+        "a Dynamic Convolution layer",
+        "weight",
+        "bias",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "attention.fc1.weight",
+        "attention.fc2.weight",
+        "attention.temperature",
+    )
+    num_experts, features, per_group, *kernel_size = (int(d) for d in module.weight.shape)
+    rank = len(kernel_size)
+    groups = int(module.groups)
+    in_channels = per_group * groups
+    hidden = int(module.attention.fc1.weight.shape[0])
+    if getattr(module.attention.fc1, "bias", None) is not None or getattr(module.attention.fc2, "bias", None) is None:
+        raise ValueError("the attention's fc1 must have no bias and fc2 a bias, as the Dynamic Convolution code's.")
+    dilation = ints(module.dilation, rank, "dilation")
+    attributes = {
+        "features": features,
+        "kernel_size": tuple(kernel_size),
+        "num_experts": num_experts,
+        "ratio": fitting_ratio(hidden, in_channels, 0.25, _kernel_mix.hidden_width),
+        "strides": ints(module.stride, rank, "stride"),
+        "padding": torch_padding(module.padding, kernel_size, dilation, getattr(module, "padding_mode", "zeros")),
+        "kernel_dilation": dilation,
+        "feature_group_count": groups,
+        "use_bias": module.bias is not None,
+        "temperature": float(module.attention.temperature),
+    }
+    return TorchPort(
+        jdc_linen.DynamicConv,
+        jdc_nnx.DynamicConv,
+        attributes,
+        {"in_features": in_channels},
+        state_dict_of(module),
+    )
+
+
+register_torch_layer("CondConv2d", _cond_conv_port)
+for _name in ("Dynamic_conv1d", "Dynamic_conv2d", "Dynamic_conv3d", "DynamicConvNd"):
+    register_torch_layer(_name, _dynamic_conv_port)

@@ -20,13 +20,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from jdynconv import _odconv
 from jdynconv import linen as jdc_linen
 from jdynconv import nnx as jdc_nnx
 from jdynconv.interop._convert import Converter, FlaxShapes, TorchShapes, register
+from jdynconv.interop._from_torch import (
+    TorchModule,
+    TorchPort,
+    batch_norm_settings,
+    fitting_ratio,
+    ints,
+    register_torch_layer,
+    require,
+    state_dict_of,
+    torch_padding,
+)
 from jdynconv.interop._kernel_mix import _bank_layout, _dense_1x1_rule
-from jdynconv.interop._rules import VECTOR_LAYOUT, Dim, DimLike, Permutation, Rule, Target, batchnorm_rules
+from jdynconv.interop._rules import VECTOR_LAYOUT, Dim, DimLike, Permutation, Rule, Target, batchnorm_rules, check_sizes
 
 HEADS = (("channel", "channel_fc"), ("filter", "filter_fc"), ("spatial", "spatial_fc"), ("expert", "kernel_fc"))
 """jdynconv head -> the original's ``Attention`` submodule."""
@@ -47,17 +59,31 @@ def od_conv_rules(
     """The rules of one ODConv whose PyTorch twin is the original ``ODConv2d`` (or its N-d form).
 
     Args:
-      num_experts, features, use_bias: the module's k, F and ``use_bias``.
-      in_features: C_in; in_features_per_group: ``C_in // G``.
+      num_experts: the module's k.
+      features: the module's F.
+      in_features: C_in.
+      in_features_per_group: ``C_in // G``.
       attention_features: A, the attention's width.
       kernel_size: one size per spatial dim (also the number of trailing 1s of the attention's 1x1 convs).
       heads: the attention heads the layer has, among ``"channel"``, ``"filter"``, ``"spatial"``, ``"expert"``.
+      use_bias: the module's ``use_bias``.
       torch_prefix: the PyTorch module's path in a bigger model, e.g. ``"layer1.0.conv1."``.
 
     Returns:
       Rules for ``weight``, ``attention.fc.weight``, ``attention.bn.*`` and each head's ``weight``/``bias``
       (and ``bias`` with ``use_bias``).
     """
+    check_sizes(
+        num_experts=num_experts,
+        features=features,
+        in_features=in_features,
+        in_features_per_group=in_features_per_group,
+        attention_features=attention_features,
+        kernel_size=kernel_size,
+    )
+    known = [head for head, _ in HEADS]
+    if isinstance(heads, str) or any(head not in known for head in heads):
+        raise ValueError(f"`heads` must be a sequence of heads among {known}, got {heads!r}.")
     num_spatial = len(kernel_size)
     unknown = any(isinstance(size, Dim) for size in kernel_size)
     taps: DimLike = Dim("prod(K)") if unknown else math.prod(int(size) for size in kernel_size)
@@ -207,3 +233,56 @@ def _nnx_rules(model: jdc_nnx.ODConv, shapes: FlaxShapes) -> list[Rule]:
 
 register(jdc_linen.ODConv, Converter(flax_rules=_linen_flax_rules, torch_rules=_linen_torch_rules))
 register(jdc_nnx.ODConv, Converter(flax_rules=_nnx_rules))
+
+
+# --- from_torch: OSVAI's ODConv2d -------------------------------------------------------------------------
+
+
+def _attention_sizes(in_channels: int, width: int) -> dict[str, Any]:
+    """``reduction`` and ``min_channels`` giving the attention width found in ``attention.fc.weight``: the
+    original's defaults (0.0625, 16) when they fit; the original does not store them."""
+    if _odconv.attention_width(in_channels, 0.0625, 16) == width:
+        return {"reduction": 0.0625, "min_channels": 16}
+    reduction = fitting_ratio(width, in_channels, 0.0625, lambda c, r: max(int(c * r), width))
+    return {"reduction": reduction, "min_channels": width}
+
+
+def _odconv_port(module: TorchModule) -> TorchPort:
+    """OSVAI's ``ODConv2d`` (and its N-d form): weight ``(k, F, C_in // G, *K)``, the attention's width (from
+    ``attention.fc``), BatchNorm (``attention.bn``) and stored temperature (``attention.temperature``)."""
+    require(
+        module,
+        "OSVAI's ODConv2d",
+        "weight",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "attention.fc.weight",
+        "attention.bn",
+        "attention.temperature",
+    )
+    num_experts, features, per_group, *kernel_size = (int(d) for d in module.weight.shape)
+    rank = len(kernel_size)
+    groups = int(module.groups)
+    in_channels = per_group * groups
+    dilation = ints(module.dilation, rank, "dilation")
+    bias = getattr(module, "bias", None)
+    attributes = {
+        "features": features,
+        "kernel_size": tuple(kernel_size),
+        "num_experts": num_experts,
+        **_attention_sizes(in_channels, int(module.attention.fc.weight.shape[0])),
+        "temperature": float(module.attention.temperature),
+        "strides": ints(module.stride, rank, "stride"),
+        "padding": torch_padding(module.padding, kernel_size, dilation),
+        "kernel_dilation": dilation,
+        "feature_group_count": groups,
+        "use_bias": bias is not None,
+        **batch_norm_settings(module.attention.bn, "attention.bn"),
+    }
+    return TorchPort(jdc_linen.ODConv, jdc_nnx.ODConv, attributes, {"in_features": in_channels}, state_dict_of(module))
+
+
+register_torch_layer("ODConv2d", _odconv_port)
+register_torch_layer("ODConvNd", _odconv_port)

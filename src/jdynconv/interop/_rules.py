@@ -75,8 +75,27 @@ class Permutation:
         return tuple(torch_shape[a] for a in self.axes)
 
 
+def check_sizes(**sizes: Any) -> None:
+    """A rule builder's sizes, by argument name: each a positive int or a :class:`Dim`; ``kernel_size`` a sequence
+    of 1 to 3 of them."""
+    for name, value in sizes.items():
+        if name == "kernel_size":
+            if isinstance(value, str) or not isinstance(value, Sequence) or not 1 <= len(value) <= 3:
+                raise ValueError(f"`kernel_size` must be a sequence of 1 to 3 sizes, got {value!r}.")
+            check_sizes(**{f"kernel_size[{i}]": size for i, size in enumerate(value)})
+        elif not isinstance(value, Dim):
+            if not isinstance(value, int | np.integer) or isinstance(value, bool):
+                raise TypeError(f"`{name}` must be a positive int or a Dim, got {value!r}.")
+            if value < 1:
+                raise ValueError(f"`{name}` must be a positive int or a Dim, got {value!r}.")
+
+
 def conv_layout(num_spatial: int) -> Permutation:
     """PyTorch ``(O, I, *K)`` -> Flax ``(*K, I, O)``: spatial axes first, then in, then out (never ``.T``)."""
+    if not isinstance(num_spatial, int | np.integer) or isinstance(num_spatial, bool):
+        raise TypeError(f"`num_spatial` must be an int (1, 2 or 3), got {num_spatial!r}.")
+    if not 1 <= num_spatial <= 3:
+        raise ValueError(f"`num_spatial` must be 1, 2 or 3, got {num_spatial!r}.")
     return Permutation((*range(2, 2 + num_spatial), 1, 0))
 
 
@@ -133,6 +152,7 @@ def conv_rules(
 
     Grouped convs keep ``I // G`` in both frameworks. ``bias=None`` for ``bias=False`` convs.
     """
+    check_sizes(features=features, in_features_per_group=in_features_per_group, kernel_size=kernel_size)
     rules = [
         Rule(
             f"{torch_prefix}.weight",
@@ -150,6 +170,7 @@ def linear_rules(
     torch_prefix: str, *, kernel: Target, bias: Target | None, in_features: DimLike, features: DimLike
 ) -> list[Rule]:
     """``nn.Linear`` at ``torch_prefix``: ``weight (out, in)`` -> ``kernel (in, out)``, ``bias (out,)``."""
+    check_sizes(in_features=in_features, features=features)
     rules = [Rule(f"{torch_prefix}.weight", (features, in_features), kernel, LINEAR_LAYOUT)]
     if bias is not None:
         rules.append(Rule(f"{torch_prefix}.bias", (features,), bias, VECTOR_LAYOUT))
@@ -172,6 +193,7 @@ def batchnorm_rules(
     strict ``load_state_dict`` in PyTorch accepts the result. It only matters to PyTorch when
     ``momentum=None`` (cumulative averaging), which has no Flax equivalent either.
     """
+    check_sizes(features=features)
     return [
         Rule(f"{torch_prefix}.weight", (features,), scale, VECTOR_LAYOUT),
         Rule(f"{torch_prefix}.bias", (features,), offset, VECTOR_LAYOUT),
