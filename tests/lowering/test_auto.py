@@ -1,4 +1,4 @@
-"""``auto``'s rule: which lowering it takes, by backend and on CPU by shape."""
+"""``auto``'s rule: which lowering it takes, by platform and on CPU by shape."""
 
 from __future__ import annotations
 
@@ -67,7 +67,8 @@ def test_cpu_auto_takes_direct_where_the_rule_says(data_format: str, monkeypatch
     assert asked == [channels_first, channels_first]
 
 
-def test_auto_rule_by_backend() -> None:
+def test_auto_rule_by_platform() -> None:
+    """``"default"`` is what :func:`jdynconv._platform.by_platform` asks for every platform but CPU."""
     assert auto.choose_lowering("cpu") is auto.conv_cpu_auto
-    assert auto.choose_lowering("gpu") is methods.conv_grouped_im2col_grad
-    assert auto.choose_lowering("tpu") is methods.conv_grouped_im2col_grad
+    for platform in ("default", "cuda", "rocm", "tpu"):
+        assert auto.choose_lowering(platform) is methods.conv_grouped_im2col_grad

@@ -1,4 +1,4 @@
-"""``method="auto"``: which lowering :func:`jdynconv.per_sample_conv` takes, by backend and shape.
+"""``method="auto"``: which lowering :func:`jdynconv.per_sample_conv` takes, by platform and shape.
 
 The CPU bounds come from ``benchmarks/per_sample_conv.py`` (its ``direct``, ``im2col`` and ``depthwise``
 columns, ``docs/results/per_sample_conv_cpu.md`` and, with ``--grid depthwise``,
@@ -77,8 +77,9 @@ def conv_cpu_auto_channels_first(inputs: jax.Array, kernels: jax.Array, spec: Co
     return conv_im2col_chunked_channels_first(inputs, kernels, spec)
 
 
-def choose_lowering(backend: str) -> Lowering:
-    """The ``method="auto"`` rule.
+def choose_lowering(platform: str) -> Lowering:
+    """The ``method="auto"`` rule, for the platform the program is lowered for (``"cpu"``, or any other;
+    :func:`jdynconv._platform.by_platform` asks it for both and stages out each answer).
 
     * CPU: :func:`conv_cpu_auto`: ``depthwise`` for 2-D depthwise convs (:func:`uses_depthwise`), ``direct``
       for float32 1-D convs, and 2-D ones it can keep from YNNPACK, with G = 1, at most
@@ -90,6 +91,6 @@ def choose_lowering(backend: str) -> Lowering:
     * GPU/TPU: values from ``grouped`` (one cuDNN/TPU grouped conv), derivatives from ``im2col``,
       which avoids the batch-group kernel gradient reported slow on GPU (jax issue 13800).
     """
-    if backend == "cpu":
+    if platform == "cpu":
         return conv_cpu_auto
     return conv_grouped_im2col_grad
