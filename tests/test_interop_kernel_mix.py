@@ -356,12 +356,11 @@ def test_export_is_strict_too(layer: str) -> None:
 
 
 def test_bad_module_attributes_are_reported() -> None:
-    module = make_linen("CondConv", {"features": 6, "kernel_size": 3, "num_experts": 0})
+    # At construction, before any conversion.
     with pytest.raises(ValueError, match="`num_experts` must be a positive int, got 0"):
-        interop.torch_to_linen(module, {})
-    module = make_linen("DynamicConv", {"features": 5, "kernel_size": 3, "num_experts": 2, "feature_group_count": 2})
+        make_linen("CondConv", {"features": 6, "kernel_size": 3, "num_experts": 0})
     with pytest.raises(ValueError, match=r"`features` \(=5\) must be divisible by `feature_group_count` \(=2\)"):
-        interop.linen_to_torch(module, {})
+        make_linen("DynamicConv", {"features": 5, "kernel_size": 3, "num_experts": 2, "feature_group_count": 2})
 
 
 # --- dtypes ----------------------------------------------------------------------------------------

@@ -177,17 +177,18 @@ def test_non_positive_temperature_is_refused_when_concrete(bad: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("module", "fragment"),
+    ("build", "fragment"),
     [
-        (jl.CondConv(4, 3, 0), "`num_experts` must be a positive int, got 0"),
-        (jl.CondConv(4, 3, 2, mixing="fast"), "`mixing` must be one of"),
-        (jl.CondConv(5, 3, 2, feature_group_count=3), "`features` (=5) must be divisible"),
-        (jl.DynamicConv(4, (3, 3, 3), 2), "`kernel_size` must have one entry per spatial dimension (2)"),
+        (lambda: jl.CondConv(4, 3, 0), "`num_experts` must be a positive int, got 0"),
+        (lambda: jl.CondConv(4, 3, 2, mixing="fast"), "`mixing` must be one of"),
+        (lambda: jl.CondConv(5, 3, 2, feature_group_count=3), "`features` (=5) must be divisible"),
+        (lambda: jl.DynamicConv(4, (3, 3, 3), 2), "`kernel_size` must have one entry per spatial dimension (2)"),
     ],
 )
-def test_bad_attributes(module, fragment: str) -> None:
+def test_bad_attributes(build, fragment: str) -> None:
+    # Attribute errors come at construction, those that need the inputs at the call: both inside the check.
     with pytest.raises(ValueError, match="`") as info:
-        module.init(jax.random.key(0), np.ones((2, 5, 5, 3), np.float32))
+        build().init(jax.random.key(0), np.ones((2, 5, 5, 3), np.float32))
     assert fragment in str(info.value), str(info.value)
 
 
@@ -202,7 +203,7 @@ def test_bad_call_arguments() -> None:
         cond.apply(cond_vars, x, jnp.ones((2, 3)))
     with pytest.raises(ValueError, match=r"`attention_weights` must have shape \(2, 2\)"):
         dynamic.apply(dynamic_vars, x, 1.0, jnp.ones((3, 2)))
-    with pytest.raises(ValueError, match=r"`inputs` must have rank 3, 4 or 5.*\(5, 3\)"):
+    with pytest.raises(ValueError, match=r"`inputs` must have rank 4 .* built for, got shape \(5, 3\)"):
         cond.apply(cond_vars, x[0, 0])
 
 
@@ -214,7 +215,7 @@ def test_nnx_constructor_errors() -> None:
     ):
         jn.DynamicConv(3, 4, (3, 3), 2, feature_group_count=2, rngs=nnx.Rngs(0))
     model = jn.CondConv(3, 4, (3, 3), 2, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"`inputs` must have 2 spatial dims to match `kernel_size` \(3, 3\)"):
+    with pytest.raises(ValueError, match=r"`inputs` must have rank 4 \(B, \*spatial, C_in\) with 2 spatial dims"):
         model(jnp.ones((2, 5, 3)))
 
 
@@ -235,3 +236,17 @@ def test_method_is_checked_whatever_the_mixing() -> None:
         jl.CondConv(4, 3, 2, method="typo").init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"`method` must be one of .*'typo'"):
         jn.DynamicConv(3, 4, (3, 3), 2, mixing="mix_outputs", method="typo", rngs=nnx.Rngs(0))
+
+
+def test_dynamic_conv_temperature_attribute_is_the_call_default() -> None:
+    x = np.random.default_rng(0).normal(size=(2, 5, 5, 3)).astype(np.float32)
+    module = jl.DynamicConv(4, 3, 2, temperature=4.0)
+    variables = module.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(module.apply(variables, x), module.apply(variables, x, 4.0))
+    assert not np.array_equal(module.apply(variables, x), module.apply(variables, x, 1.0))
+    model = jn.DynamicConv(3, 4, (3, 3), 2, temperature=4.0, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(model(x), model(x, 4.0))
+    with pytest.raises(ValueError, match=r"`temperature` must be a positive finite scalar, got 0\.0"):
+        jl.DynamicConv(4, 3, 2, temperature=0.0)
+    with pytest.raises(ValueError, match=r"`temperature` must be a positive finite scalar, got -2\.0"):
+        jn.DynamicConv(3, 4, (3, 3), 2, temperature=-2.0, rngs=nnx.Rngs(0))

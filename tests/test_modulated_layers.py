@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,6 +133,9 @@ def test_linen_equals_nnx(num_spatial, up, data_format) -> None:
     assert not np.allclose(random, expected)
 
 
+LATENTS_WIDTH_ERROR = r"`latents` must have shape \(2, 5\) \(batch, latent_dim\), got shape \(2, 7\)"
+
+
 def test_layer_errors_name_the_argument() -> None:
     x, latents = _inputs()
     layer = linen.ModulatedConv(features=OUT, kernel_size=3)
@@ -144,10 +146,14 @@ def test_layer_errors_name_the_argument() -> None:
     with pytest.raises(ValueError, match=r"`inputs` must have rank 4"):
         linen.ModulatedConv(features=OUT, kernel_size=(3, 3)).init(jax.random.key(0), x[0], latents)
     variables = layer.init(jax.random.key(0), x, latents)
-    with pytest.raises(flax.errors.ScopeParamShapeError, match=r"affine_kernel"):
+    with pytest.raises(
+        ValueError, match=r"`latents` must have shape \(2, 5\) \(batch, latent_dim\), got shape \(2, 7\)"
+    ):
         layer.apply(variables, x, jnp.zeros((BATCH, 7)))
     model = jdc_nnx.ModulatedConv(IN, OUT, (3, 3), latent_features=LATENT, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"`latents` must have shape \(batch, 5\), got \(2, 7\)"):
+    with pytest.raises(
+        ValueError, match=r"`latents` must have shape \(2, 5\) \(batch, latent_dim\), got shape \(2, 7\)"
+    ):
         model(x, jnp.zeros((BATCH, 7)))
     with pytest.raises(ValueError, match=r"`latent_features` is required with `affine`"):
         jdc_nnx.ModulatedConv(IN, OUT, (3, 3), rngs=nnx.Rngs(0))

@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.nnx.nn.dtypes import promote_dtype
 from jax import lax
 
-from jdynconv import _batch_norm, _checks, _gates
+from jdynconv import _batch_norm, _checks, _gates, _platform
+from jdynconv._dtypes import promote_dtype
 from jdynconv._lowering import batch_parallel, canonical, im2col
 from jdynconv.functional import conv_spec, mix_outputs
 
@@ -160,19 +161,11 @@ def branch_mix_chunked(
     :func:`branch_mix` itself. Same maths and signature as :func:`branch_mix`.
     """
     groups = spec.feature_group_count
-    k, features = params.scale.shape
+    k = params.scale.shape[0]
     batch = inputs.shape[0]
-    out_spatial = canonical.output_spatial_shape(inputs.shape[1:-1], params.kernel.shape[1:-2], spec)
-    positions = int(np.prod(out_spatial))
+    positions = math.prod(canonical.output_spatial_shape(inputs.shape[1:-1], params.kernel.shape[1:-2], spec))
     stats_dtype = _batch_norm.statistics_dtype(inputs.dtype)
-    # A chunk holds its branch outputs and, for the kernel gradient, its im2col patches: size it by the
-    # larger (many input channels and few outputs make the patches the larger).
-    outputs_bytes = positions * k * features * jnp.dtype(stats_dtype).itemsize
-    patch_bytes = positions * int(np.prod(params.kernel.shape[1:-2])) * inputs.shape[-1] * inputs.dtype.itemsize
-    chunk = im2col.chunk_size(batch, max(outputs_bytes, patch_bytes))
-    # At least 2 samples when there are 2: chunks of one sample differentiate into other primitives
-    # (size-1 axes), so the program would change with k (at the seed's shape, k = 32 -> 1 sample).
-    chunk = min(batch, max(chunk, 2))
+    chunk = chunk_samples(inputs, params, spec)
     if chunk >= batch:
         # One chunk (or an empty batch): no cache to gain, only recomputation; the fused form is faster.
         return branch_mix(
@@ -282,19 +275,27 @@ def check_config(
     gate_act: Any,
     method: str = "auto",
     remat: bool = False,
+    *,
+    kernel_size: Any = 1,
+    strides: Any = 1,
+    padding: Any = "VALID",
+    kernel_dilation: Any = 1,
+    momentum: float = 0.9,
+    epsilon: float = 1e-5,
 ) -> None:
-    """Module attributes that are wrong whatever the input."""
-    for name, value in (
-        ("features", features),
-        ("num_branches", num_branches),
-        ("feature_group_count", feature_group_count),
-    ):
-        if not _checks.is_int(value) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    if features % feature_group_count:
-        raise ValueError(
-            f"`features` (={features}) must be divisible by `feature_group_count` (={feature_group_count})."
-        )
+    """Module attributes that are wrong whatever the input, checked at construction (the number of spatial dims
+    at the call)."""
+    _checks.check_conv_attributes(
+        features=features,
+        kernel_size=kernel_size,
+        strides=strides,
+        padding=padding,
+        kernel_dilation=kernel_dilation,
+        feature_group_count=feature_group_count,
+    )
+    if not _checks.is_int(num_branches) or num_branches < 1:
+        raise ValueError(f"`num_branches` must be a positive int, got {num_branches!r}.")
+    _checks.check_batch_norm_attributes(momentum, epsilon)
     if gate_input not in _gates.GATE_INPUTS:
         raise ValueError(f"`gate_input` must be one of {_gates.GATE_INPUTS}, got {gate_input!r}.")
     if not callable(gate_act) and gate_act not in _gates.GATE_ACTIVATIONS:
@@ -346,8 +347,26 @@ class BlockConfig:
     axis_name: str | tuple[str, ...] | None = None
 
 
-def choose_method(method: str, remat: bool, backend: str) -> Callable[..., Any]:
-    """The lowering of the branches. ``"auto"``: ``remat=True`` -> the scan over branches; else on CPU
+def chunk_samples(inputs: jax.Array, params: BranchParams, spec: canonical.ConvSpec) -> int:
+    """The samples in one chunk of :func:`branch_mix_chunked` (the whole batch: no chunking)."""
+    k, features = params.scale.shape
+    batch = inputs.shape[0]
+    out_spatial = canonical.output_spatial_shape(inputs.shape[1:-1], params.kernel.shape[1:-2], spec)
+    positions = int(np.prod(out_spatial))
+    stats_dtype = _batch_norm.statistics_dtype(inputs.dtype)
+    # A chunk holds its branch outputs and, for the kernel gradient, its im2col patches: size it by the
+    # larger (many input channels and few outputs make the patches the larger).
+    outputs_bytes = positions * k * features * jnp.dtype(stats_dtype).itemsize
+    patch_bytes = positions * int(np.prod(params.kernel.shape[1:-2])) * inputs.shape[-1] * inputs.dtype.itemsize
+    chunk = im2col.chunk_size(batch, max(outputs_bytes, patch_bytes))
+    # At least 2 samples when there are 2: chunks of one sample differentiate into other primitives
+    # (size-1 axes), so the program would change with k (at the seed's shape, k = 32 -> 1 sample).
+    return min(batch, max(chunk, 2))
+
+
+def choose_method(method: str, remat: bool, platform: str) -> Callable[..., Any]:
+    """The lowering of the branches on ``platform`` (the one lowered for: ``"cpu"`` or any other; see
+    :func:`jdynconv._platform.by_platform`). ``"auto"``: ``remat=True`` -> the scan over branches; else on CPU
     ``"chunked"`` (the fused form is memory-bound there: several times slower to train and in eval at the
     seed's shape; ``benchmarks/branch_mix.py``, ``docs/results/branch_mix_cpu.md``, jdynconv and
     jdynconv fused columns), elsewhere ``"fused"`` (one large conv suits an accelerator; not yet measured on
@@ -355,7 +374,7 @@ def choose_method(method: str, remat: bool, backend: str) -> Callable[..., Any]:
     if remat:
         return branch_mix_rematerialised
     if method == "auto":
-        method = "chunked" if backend == "cpu" else "fused"
+        method = "chunked" if platform == "cpu" else "fused"
     return branch_mix_chunked if method == "chunked" else branch_mix
 
 
@@ -381,11 +400,9 @@ def apply_block(
         gate_weights = _gates.gate_activation(logits, config.gate_activation, temperature)
     else:
         check_gate_weights(gate_weights, inputs.shape[0], config.num_branches)
-    if training and inputs.shape[0] == 0:
-        raise ValueError(
-            "`inputs` must hold at least one sample in training mode (BatchNorm's batch statistics of an empty "
-            f"batch are undefined), got shape {tuple(inputs.shape)}."
-        )
+    # An empty batch has no statistics to normalise by or learn from: its (empty) output is the running
+    # statistics' and they stay as they were, as PyTorch's BatchNorm does for a batch of size 0.
+    training = training and inputs.shape[0] > 0
     inputs, *promoted = promote_dtype((inputs, *params), dtype=config.dtype)
     spec = conv_spec(
         inputs.shape[1:-1],
@@ -397,11 +414,24 @@ def apply_block(
         feature_group_count=config.feature_group_count,
         precision=config.precision,
     )
-    forward = functools.partial(
-        choose_method(config.method, config.remat, jax.default_backend()),
-        spec=spec,
-        training=training,
-        norm=_batch_norm.NormConfig(config.momentum, config.epsilon, config.unbiased_running_var, config.axis_name),
-        activation=config.branch_activation,
+    params = BranchParams(*promoted)
+
+    def rule(platform: str) -> Callable[..., Any]:
+        method = choose_method(config.method, config.remat, platform)
+        # One chunk holding the whole batch is the fused form itself: then every platform agrees (traced once).
+        if method is branch_mix_chunked and chunk_samples(inputs, params, spec) >= inputs.shape[0]:
+            return branch_mix
+        return method
+
+    # Chosen for the platform the program is lowered for, not the host's default backend.
+    forward = _platform.by_platform(
+        rule,
+        lambda method: functools.partial(
+            method,
+            spec=spec,
+            training=training,
+            norm=_batch_norm.NormConfig(config.momentum, config.epsilon, config.unbiased_running_var, config.axis_name),
+            activation=config.branch_activation,
+        ),
     )
-    return forward(inputs, gate_weights, BranchParams(*promoted), mean, var)
+    return forward(inputs, gate_weights, params, mean, var)

@@ -126,6 +126,25 @@ def conv_output_shape(
     return tuple(out)
 
 
+def as_array(name: str, value: Any) -> jax.Array:
+    """``value`` as a JAX array, or a TypeError naming ``name`` for None, strings, ragged sequences and other
+    values that are not arrays (instead of ``jnp.asarray``'s error, which names no argument)."""
+    if isinstance(value, jax.Array):
+        return value
+    if value is None or isinstance(value, str | bytes):
+        raise TypeError(
+            f"`{name}` must be an array (a JAX or NumPy array, or nested sequences of numbers), got {value!r}."
+        )
+    try:
+        array = jnp.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"`{name}` must be an array (a JAX or NumPy array, or nested sequences of numbers of one shape), got a "
+            f"{type(value).__name__} that is not one ({error})."
+        ) from None
+    return array
+
+
 def check_float_dtype(name: str, array: object) -> None:
     """Raises TypeError unless ``array`` has a floating-point dtype."""
     dtype = array.dtype if hasattr(array, "dtype") else np.asarray(array).dtype
@@ -142,24 +161,111 @@ def check_rank(name: str, shape: Sequence[int], expected: int | Sequence[int], l
         raise ValueError(f"`{name}` must have rank {wanted} {layout}, got shape {tuple(shape)!r}.")
 
 
-def check_layer_inputs(inputs: Any, in_features: int | None, feature_group_count: int) -> None:
-    """``inputs`` must be ``(B, *spatial, C_in)`` with 1 to 3 spatial dims and C_in divisible by G."""
+def check_layer_inputs(
+    inputs: Any,
+    in_features: int | None,
+    feature_group_count: int,
+    num_spatial: int | None = None,
+    fixed_by: str = "the layer's variables were built for",
+) -> None:
+    """``inputs`` must be a float ``(B, *spatial, C_in)`` with 1 to 3 spatial dims (``num_spatial`` of them when
+    ``fixed_by`` fixes it: the layer's variables, or a ``kernel_size`` with one entry per dim) and ``in_features``
+    channels (when known), divisible by G."""
+    check_float_dtype("inputs", inputs)
+    shape = tuple(inputs.shape)
+    if num_spatial is not None and inputs.ndim != num_spatial + 2:
+        raise ValueError(
+            f"`inputs` must have rank {num_spatial + 2} (B, *spatial, C_in) with {num_spatial} spatial dims, as "
+            f"{fixed_by}, got shape {shape}."
+        )
     if inputs.ndim not in (3, 4, 5):
         raise ValueError(
-            f"`inputs` must have rank 3, 4 or 5 (B, *spatial, C_in) with 1 to 3 spatial dims, got shape {inputs.shape}."
+            f"`inputs` must have rank 3, 4 or 5 (B, *spatial, C_in) with 1 to 3 spatial dims, got shape {shape}."
         )
-    channels = inputs.shape[-1]
+    channels = shape[-1]
     if in_features is not None and channels != in_features:
-        raise ValueError(f"`inputs` must have {in_features} channels (last axis), got shape {inputs.shape}.")
+        hint = (
+            " (channels-first data? jdynconv's layers take channels-last inputs: move the channel axis last)"
+            if shape[1] == in_features
+            else ""
+        )
+        raise ValueError(f"`inputs` must have {in_features} channels (last axis), got shape {shape}{hint}.")
     if channels % feature_group_count:
         raise ValueError(
             f"`inputs` channels (={channels}) must be divisible by `feature_group_count` (={feature_group_count})."
         )
 
 
+def check_positive_number(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    """A Python or NumPy real number, finite and > 0 (>= 0 with ``allow_zero``): attributes such as ``ratio``."""
+    bound = ">= 0" if allow_zero else "> 0"
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"`{name}` must be a finite number {bound}, got {value!r}.")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}.")
+
+
+def check_spatial_ints(name: str, value: Any) -> None:
+    """An int >= 1 or a sequence of 1 to 3 of them (an attribute whose length the inputs' rank checks later)."""
+    rank = 1 if is_int(value) else len(value) if isinstance(value, Sequence) and not isinstance(value, str) else 0
+    if not 1 <= rank <= 3:
+        raise ValueError(f"`{name}` must be an int or a sequence of 1 to 3 ints, got {value!r}.")
+    canonicalize_ints(value, rank, name)
+
+
+def check_conv_attributes(
+    *,
+    features: Any,
+    kernel_size: Any,
+    strides: Any = 1,
+    padding: Any = "VALID",
+    kernel_dilation: Any = 1,
+    feature_group_count: Any = 1,
+) -> None:
+    """A layer's conv attributes, at construction, before the inputs fix the number of spatial dims: every form
+    that could be valid for some rank passes; :func:`canonicalize_ints` and :func:`canonicalize_padding` check the
+    rest at the call."""
+    for name, value in (("features", features), ("feature_group_count", feature_group_count)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    if features % feature_group_count:
+        raise ValueError(
+            f"`features` (={features}) must be divisible by `feature_group_count` (={feature_group_count})."
+        )
+    for name, value in (("kernel_size", kernel_size), ("strides", strides), ("kernel_dilation", kernel_dilation)):
+        check_spatial_ints(name, value)
+    if isinstance(padding, str) or is_int(padding):
+        rank = 1
+    elif isinstance(padding, Sequence) and 1 <= len(padding) <= 3:
+        rank = len(padding)
+    else:
+        raise ValueError(f"`padding` must be {_PADDING_FORMS.format(rank='N')}; got {padding!r}.")
+    if not (isinstance(padding, str) and padding.upper() == "CAUSAL"):
+        canonicalize_padding(
+            padding,
+            spatial_shape=(1,) * rank,
+            kernel_size=(1,) * rank,
+            strides=(1,) * rank,
+            kernel_dilation=(1,) * rank,
+            input_dilation=(1,) * rank,
+        )
+
+
+def check_batch_norm_attributes(momentum: Any, epsilon: Any) -> None:
+    """BatchNorm's ``momentum`` in [0, 1] (Flax's convention: PyTorch's 0.1 is 0.9) and ``epsilon`` > 0."""
+    check_positive_number("momentum", momentum, allow_zero=True)
+    if momentum > 1:
+        raise ValueError(
+            f"`momentum` must be in [0, 1] (Flax's convention: PyTorch's momentum m is 1 - m), got {momentum!r}."
+        )
+    check_positive_number("epsilon", epsilon)
+
+
 def check_temperature(temperature: Any) -> None:
     """A non-scalar temperature is an error (a traced one's shape is static too); so is a concrete non-positive
     one (a traced value cannot be checked here)."""
+    if temperature is None or isinstance(temperature, str):
+        raise TypeError(f"`temperature` must be a positive finite scalar, got {temperature!r}.")
     if np.ndim(temperature) != 0:
         raise ValueError(f"`temperature` must be a positive finite scalar, got shape {np.shape(temperature)}.")
     if isinstance(temperature, jax.core.Tracer):

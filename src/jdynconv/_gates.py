@@ -7,6 +7,7 @@ read :func:`spatial_mean`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -38,7 +39,7 @@ def gate_features(inputs: jax.Array, gate_input: GateInput) -> jax.Array:
     so a PyTorch ``Linear`` weight ports by a plain transpose.
     """
     if gate_input == "flatten":
-        return jnp.moveaxis(inputs, -1, 1).reshape(inputs.shape[0], -1)
+        return jnp.moveaxis(inputs, -1, 1).reshape(inputs.shape[0], math.prod(inputs.shape[1:]))
     return spatial_mean(inputs)
 
 

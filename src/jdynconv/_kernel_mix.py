@@ -19,9 +19,10 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-from flax.nnx.nn.dtypes import promote_dtype
+import numpy as np
 
-from jdynconv import _checks, _gates
+from jdynconv import _checks, _gates, _platform
+from jdynconv._dtypes import promote_dtype
 from jdynconv._lowering import canonical
 from jdynconv.functional import METHODS, conv_spec, mix_kernels, mix_outputs, per_sample_conv
 
@@ -37,15 +38,16 @@ _PER_SAMPLE_OVERHEAD = {"cpu": 2.5}
 _DEFAULT_OVERHEAD = 1.5
 
 
-def choose_mixing(backend: str, num_experts: int, batch: int, out_positions: int) -> str:
-    """The ``mixing="auto"`` rule: the cheaper of the two by the cost model in the module docstring.
+def choose_mixing(platform: str, num_experts: int, batch: int, out_positions: int) -> str:
+    """The ``mixing="auto"`` rule: the cheaper of the two by the cost model in the module docstring, for the
+    platform the program is lowered for (``"cpu"`` or any other; see :func:`jdynconv._platform.by_platform`).
 
     ``mix_outputs`` costs ``k * B * P`` units (one unit = one output position's worth of ``|W|``
     multiply-adds in a shared conv); ``mix_kernels`` costs ``overhead * B * P + B * k`` (the per-sample
     conv at its overhead, :data:`_PER_SAMPLE_OVERHEAD`, plus mixing the bank). So ``mix_outputs`` wins only
     for k below the overhead (k = 1, or k = 2 on CPU) or when P is tiny.
     """
-    overhead = _PER_SAMPLE_OVERHEAD.get(backend, _DEFAULT_OVERHEAD)
+    overhead = _PER_SAMPLE_OVERHEAD.get(platform, _DEFAULT_OVERHEAD)
     shared_cost = num_experts * batch * out_positions
     per_sample_cost = overhead * batch * out_positions + batch * num_experts
     return "mix_outputs" if shared_cost <= per_sample_cost else "mix_kernels"
@@ -96,8 +98,12 @@ def mixed_conv(
         precision=config.precision,
     )
     if mixing == "auto":
+        # Chosen for the platform the program is lowered for; traced once where every platform chooses the same.
         out_positions = math.prod(canonical.output_spatial_shape(inputs.shape[1:-1], kernel_size, spec))
-        mixing = choose_mixing(jax.default_backend(), k, inputs.shape[0], out_positions)
+        return _platform.by_platform(
+            lambda platform: choose_mixing(platform, k, inputs.shape[0], out_positions),
+            lambda chosen: lambda *arrays: mixed_conv(*arrays, config, chosen),
+        )(inputs, routing, bank, bias_bank)
     mixed_bias = mix_kernels(bias_bank, routing, precision=config.precision) if bias_bank is not None else None
     if mixing == "mix_kernels":
         kernels = mix_kernels(bank, routing, precision=config.precision)
@@ -138,17 +144,33 @@ def check_mixing(mixing: str, method: str) -> None:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
 
 
-def check_layer(features: int, num_experts: int | None, feature_group_count: int) -> None:
-    named = [("features", features), ("feature_group_count", feature_group_count)]
-    if num_experts is not None:
-        named.append(("num_experts", num_experts))
-    for name, value in named:
-        if not _checks.is_int(value) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    if features % feature_group_count:
-        raise ValueError(
-            f"`features` (={features}) must be divisible by `feature_group_count` (={feature_group_count})."
-        )
+def check_layer(
+    features: int,
+    num_experts: int | None,
+    feature_group_count: int,
+    *,
+    kernel_size: Any = 1,
+    strides: Any = 1,
+    padding: Any = "VALID",
+    kernel_dilation: Any = 1,
+    input_dilation: Any = 1,
+    ratio: float | None = None,
+) -> None:
+    """The attributes of PerSampleConv, CondConv and DynamicConv that are wrong whatever the inputs, at
+    construction (the number of spatial dims is checked at the call)."""
+    _checks.check_conv_attributes(
+        features=features,
+        kernel_size=kernel_size,
+        strides=strides,
+        padding=padding,
+        kernel_dilation=kernel_dilation,
+        feature_group_count=feature_group_count,
+    )
+    _checks.check_spatial_ints("input_dilation", input_dilation)
+    if num_experts is not None and (not _checks.is_int(num_experts) or num_experts < 1):
+        raise ValueError(f"`num_experts` must be a positive int, got {num_experts!r}.")
+    if ratio is not None:
+        _checks.check_positive_number("ratio", ratio)
 
 
 def temperature_schedule(
@@ -158,10 +180,28 @@ def temperature_schedule(
 
     Chen et al. (CVPR 2020) anneal from 30 to 1 over the first epochs. A plain function of the step
     (traceable), so one jitted training step serves the whole schedule.
+
+    Args:
+      step: the training step, a scalar (int or float; may be traced).
+      start, end: the temperatures at step 0 and from ``anneal_steps`` on; positive, finite (every temperature
+        in between is then positive too, which the layers need).
+      anneal_steps: the steps from ``start`` to ``end``, >= 1.
+
+    Returns:
+      A float32 scalar.
     """
-    if anneal_steps < 1:
-        raise ValueError(f"`anneal_steps` must be >= 1, got {anneal_steps!r}.")
-    progress = jnp.clip(jnp.asarray(step, jnp.float32) / anneal_steps, 0.0, 1.0)
+    if not _checks.is_int(anneal_steps) or anneal_steps < 1:
+        raise ValueError(f"`anneal_steps` must be an int >= 1, got {anneal_steps!r}.")
+    for name, value in (("start", start), ("end", end)):
+        if np.ndim(value) != 0:
+            raise ValueError(f"`{name}` must be a positive finite scalar, got shape {np.shape(value)}.")
+        _checks.check_positive_number(name, value)
+    step = _checks.as_array("step", step)
+    if step.ndim != 0:
+        raise ValueError(f"`step` must be a scalar, got shape {tuple(step.shape)}.")
+    if not (jnp.issubdtype(step.dtype, jnp.integer) or jnp.issubdtype(step.dtype, jnp.floating)):
+        raise TypeError(f"`step` must be an int or float scalar, got dtype {step.dtype}.")
+    progress = jnp.clip(step.astype(jnp.float32) / anneal_steps, 0.0, 1.0)
     return jnp.float32(start) + (jnp.float32(end) - jnp.float32(start)) * progress
 
 
@@ -250,8 +290,11 @@ def dynamic_conv(
 
 def per_sample_layer(config: LayerConfig, inputs: jax.Array, kernels: jax.Array, bias: jax.Array | None) -> jax.Array:
     """PerSampleConv: check the kernels against the layer's attributes, then :func:`per_sample_conv`."""
-    inputs = jnp.asarray(inputs)
-    _checks.check_layer_inputs(inputs, None, config.feature_group_count)
+    inputs = _checks.as_array("inputs", inputs)
+    kernels = _checks.as_array("kernels", kernels)
+    num_spatial = None if _checks.is_int(config.kernel_size) else len(config.kernel_size)
+    fixed_by = f"`kernel_size` {config.kernel_size!r} says"
+    _checks.check_layer_inputs(inputs, None, config.feature_group_count, num_spatial, fixed_by)
     batch, in_channels = inputs.shape[0], inputs.shape[-1]
     kernel_size = _checks.canonicalize_ints(config.kernel_size, inputs.ndim - 2, "kernel_size")
     expected = (batch, *kernel_size, in_channels // config.feature_group_count, config.features)
@@ -260,6 +303,7 @@ def per_sample_layer(config: LayerConfig, inputs: jax.Array, kernels: jax.Array,
             f"`kernels` must have shape {expected} (B, *kernel_size, C_in // G, features) for this layer and "
             f"`inputs` of shape {inputs.shape}, got shape {tuple(getattr(kernels, 'shape', ()))}."
         )
+    bias = None if bias is None else _checks.as_array("bias", bias)
     if bias is not None and tuple(bias.shape) not in ((batch, config.features), (config.features,)):
         raise ValueError(
             f"`bias` must have shape ({batch}, {config.features}) or ({config.features},), "

@@ -43,7 +43,7 @@ def modulated_conv(
     down: int = 1,
     padding: _checks.PaddingLike = 0,
     resample_filter: ArrayLike = DEFAULT_RESAMPLE_FILTER,
-    flip_weight: bool = True,
+    flip_weight: bool | None = True,
     flip_filter: bool = False,
     fused: Fused = "auto",
     noise: ArrayLike | None = None,
@@ -74,7 +74,8 @@ def modulated_conv(
       resample_filter: the FIR filter for ``up``/``down``: 1-D taps (separable) or an N-d array, normalised to
         sum 1 (NVIDIA's ``setup_filter``); the default is StyleGAN2's ``[1, 3, 3, 1]``.
       flip_weight: NVIDIA's flag: True runs a cross-correlation (``lax``'s and PyTorch's ``conv``), False a
-        true convolution (the kernel flipped). NVIDIA's ``SynthesisLayer`` passes ``up == 1``.
+        true convolution (the kernel flipped); None is ``up == 1``, what NVIDIA's ``SynthesisLayer`` passes (and
+        what :class:`jdynconv.linen.ModulatedConv`'s None means).
       flip_filter: False convolves with the FIR filter, True cross-correlates (NVIDIA's ``flip_filter``).
       fused: True for per-sample kernels, False to scale the activations around one shared conv; "auto"
         chooses by :func:`use_fused`.
@@ -102,9 +103,11 @@ def modulated_conv(
         raise ValueError(f"`data_format` must be one of {functional.DATA_FORMATS}, got {data_format!r}.")
     if fused not in (True, False, "auto"):
         raise ValueError(f'`fused` must be True, False or "auto", got {fused!r}.')
-    inputs = jnp.asarray(inputs)
-    kernel = jnp.asarray(kernel)
-    styles = jnp.asarray(styles)
+    if method not in functional.METHODS:  # checked here: the non-fused path never reaches per_sample_conv's check
+        raise ValueError(f"`method` must be one of {functional.METHODS}, got {method!r}.")
+    inputs = _checks.as_array("inputs", inputs)
+    kernel = _checks.as_array("kernel", kernel)
+    styles = _checks.as_array("styles", styles)
     for name, array in (("inputs", inputs), ("kernel", kernel), ("styles", styles)):
         _checks.check_float_dtype(name, array)
     channels_first = data_format == "channels_first"
@@ -129,13 +132,9 @@ def modulated_conv(
         )
     if styles.dtype != kernel.dtype:
         raise TypeError(f"`styles` must have the dtype of `kernel` ({kernel.dtype}), got {styles.dtype}.")
-    for name, factor in (("up", up), ("down", down)):
-        if not _checks.is_int(factor) or factor < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {factor!r}.")
-    if up > 1 and down > 1:
-        raise ValueError(f"`up` and `down` cannot both exceed 1 (got up={up}, down={down}); resample in two layers.")
-    if not epsilon >= 0:
-        raise ValueError(f"`epsilon` must be >= 0, got {epsilon!r}.")
+    check_resampling(up, down)
+    _checks.check_positive_number("epsilon", epsilon, allow_zero=True)
+    flip_weight = resolve_flip_weight(flip_weight, up)
     pads = _explicit_pads(padding, num_spatial)
     taps = _resample.setup_filter(resample_filter, num_spatial=num_spatial)
     resample = _Resample(up, down, taps, flip_weight, flip_filter)
@@ -157,7 +156,7 @@ def modulated_conv(
         spatial_ones = (1,) * num_spatial
         kernels = kernel[None] * styles.reshape(batch, *spatial_ones, in_channels, 1)
         if scale is not None:
-            kernels = kernels * scale.reshape(batch, *spatial_ones, 1, -1)
+            kernels = kernels * scale.reshape(batch, *spatial_ones, 1, scale.shape[-1])
         out = resample(inputs, kernels.astype(inputs.dtype), pads, _per_sample_conv(precision, method))
     else:
         scaled = inputs * styles.astype(inputs.dtype).reshape(batch, *(1,) * num_spatial, in_channels)
@@ -169,11 +168,29 @@ def modulated_conv(
         else:
             out = resample(scaled, kernel.astype(inputs.dtype), pads, _shared_conv(precision))
         if scale is not None:
-            out = out * scale.astype(out.dtype).reshape(batch, *(1,) * num_spatial, -1)
+            out = out * scale.astype(out.dtype).reshape(batch, *(1,) * num_spatial, scale.shape[-1])
     out = jnp.moveaxis(out, -1, 1) if channels_first else out
     if noise is not None:
         out = out + _checked_noise(noise, out.shape, channels_first).astype(out.dtype)
     return out
+
+
+def check_resampling(up: Any, down: Any) -> None:
+    for name, factor in (("up", up), ("down", down)):
+        if not _checks.is_int(factor) or factor < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {factor!r}.")
+    if up > 1 and down > 1:
+        raise ValueError(f"`up` and `down` cannot both exceed 1 (got up={up}, down={down}); resample in two layers.")
+
+
+def resolve_flip_weight(flip_weight: bool | None, up: int) -> bool:
+    """``flip_weight`` as a bool: None is NVIDIA's ``SynthesisLayer`` choice, ``up == 1``, in the function and the
+    layers alike."""
+    if flip_weight is None:
+        return up == 1
+    if not isinstance(flip_weight, bool | np.bool_):
+        raise TypeError(f"`flip_weight` must be True, False or None (NVIDIA's `up == 1`), got {flip_weight!r}.")
+    return bool(flip_weight)
 
 
 def use_fused(up: int, down: int, out_positions: int) -> bool:
@@ -341,7 +358,7 @@ def _one_channel(out_shape: tuple[int, ...], channels_first: bool) -> tuple[int,
 
 def _checked_noise(noise: ArrayLike, out_shape: tuple[int, ...], channels_first: bool) -> jax.Array:
     """``noise`` of the output's shape, or with one channel (broadcast over the channels), in its layout."""
-    noise = jnp.asarray(noise)
+    noise = _checks.as_array("noise", noise)
     _checks.check_float_dtype("noise", noise)
     single = _one_channel(out_shape, channels_first)
     if tuple(noise.shape) not in (tuple(single), tuple(out_shape)):
@@ -395,12 +412,28 @@ class LayerConfig:
         **rest: Any,
     ) -> LayerConfig:
         """Validated, with NVIDIA's defaults: ``padding`` ``kernel_size // 2``, ``flip_weight`` ``up == 1``,
-        the activation's gain (``sqrt(2)`` for lrelu)."""
+        the activation's gain (``sqrt(2)`` for lrelu). Every error names the attribute."""
         if not _checks.is_int(features) or features < 1:
             raise ValueError(f"`features` must be a positive int, got {features!r}.")
         kernel_size_t = _checks.canonicalize_ints(kernel_size, num_spatial, "kernel_size")
         if activation not in _ACTIVATION_GAINS:
             raise ValueError(f"`activation` must be one of {tuple(_ACTIVATION_GAINS)}, got {activation!r}.")
+        check_resampling(up, rest["down"])
+        if padding is not None:
+            _explicit_pads(padding, num_spatial)
+        _resample.setup_filter(rest["resample_filter"], num_spatial=num_spatial)
+        if rest["fused"] not in (True, False, "auto"):
+            raise ValueError(f'`fused` must be True, False or "auto", got {rest["fused"]!r}.')
+        if rest["method"] not in functional.METHODS:
+            raise ValueError(f"`method` must be one of {functional.METHODS}, got {rest['method']!r}.")
+        if rest["data_format"] not in functional.DATA_FORMATS:
+            raise ValueError(f"`data_format` must be one of {functional.DATA_FORMATS}, got {rest['data_format']!r}.")
+        _checks.check_positive_number("lr_multiplier", rest["lr_multiplier"])
+        _checks.check_positive_number("style_gain", rest["style_gain"])
+        if activation_gain is not None:
+            _checks.check_positive_number("activation_gain", activation_gain)
+        if rest["clamp"] is not None:
+            _checks.check_positive_number("clamp", rest["clamp"], allow_zero=True)
         return cls(
             features=int(features),
             kernel_size=kernel_size_t,
@@ -408,7 +441,7 @@ class LayerConfig:
             padding=tuple(k // 2 for k in kernel_size_t) if padding is None else padding,
             activation=activation,  # type: ignore[arg-type]
             activation_gain=_ACTIVATION_GAINS[activation] if activation_gain is None else float(activation_gain),
-            flip_weight=up == 1 if flip_weight is None else flip_weight,
+            flip_weight=resolve_flip_weight(flip_weight, up),
             **rest,
         )
 
@@ -527,7 +560,23 @@ def check_layer_inputs(config: LayerConfig, inputs: jax.Array, in_features: int 
     channels_first = config.data_format == "channels_first"
     layout = "(B, C_in, *spatial)" if channels_first else "(B, *spatial, C_in)"
     num_spatial = len(config.kernel_size)
+    _checks.check_float_dtype("inputs", inputs)
     _checks.check_rank("inputs", inputs.shape, num_spatial + 2, f"{layout} for a {num_spatial}-D kernel_size")
     channels = inputs.shape[1 if channels_first else -1]
     if in_features is not None and channels != in_features:
-        raise ValueError(f"`inputs` must have {in_features} channels, got shape {tuple(inputs.shape)} ({layout}).")
+        other = inputs.shape[-1 if channels_first else 1]
+        hint = (
+            f" (the other layout? this layer's `data_format` is {config.data_format!r})" if other == in_features else ""
+        )
+        raise ValueError(
+            f"`inputs` must have {in_features} channels, got shape {tuple(inputs.shape)} ({layout}){hint}."
+        )
+
+
+def check_latents(latents: jax.Array, batch: int, width: int | None, affine: bool) -> None:
+    """The call's second argument: latents ``(B, latent_dim)`` for the affine, or the styles ``(B, C_in)``."""
+    what = "(batch, latent_dim)" if affine else "(batch, C_in): the styles, as `affine` is False"
+    _checks.check_float_dtype("latents", latents)
+    if latents.ndim != 2 or latents.shape[0] != batch or (width is not None and latents.shape[1] != width):
+        expected = f"({batch}, {width if width is not None else 'latent_dim'})"
+        raise ValueError(f"`latents` must have shape {expected} {what}, got shape {tuple(latents.shape)}.")

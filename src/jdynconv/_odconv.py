@@ -47,9 +47,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax.nnx.nn.dtypes import promote_dtype
 
 from jdynconv import _batch_norm, _checks, _gates
+from jdynconv._dtypes import promote_dtype
 from jdynconv._lowering import canonical
 from jdynconv.functional import METHODS, conv_spec, mix_kernels, per_sample_conv
 
@@ -191,20 +191,28 @@ def check_config(
     temperature: Any,
     attention_placement: Any,
     method: Any,
+    *,
+    kernel_size: Any = 1,
+    strides: Any = 1,
+    padding: Any = "VALID",
+    kernel_dilation: Any = 1,
+    momentum: Any = 0.9,
+    epsilon: Any = 1e-5,
 ) -> None:
-    """Validates the attributes that do not depend on the inputs; every error names the attribute."""
-    for name, value in (
-        ("features", features),
-        ("num_experts", num_experts),
-        ("feature_group_count", feature_group_count),
-        ("min_channels", min_channels),
-    ):
+    """Validates the attributes that do not depend on the inputs, at construction; every error names the
+    attribute."""
+    _checks.check_conv_attributes(
+        features=features,
+        kernel_size=kernel_size,
+        strides=strides,
+        padding=padding,
+        kernel_dilation=kernel_dilation,
+        feature_group_count=feature_group_count,
+    )
+    for name, value in (("num_experts", num_experts), ("min_channels", min_channels)):
         if not _checks.is_int(value) or value < 1:
             raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    if features % feature_group_count:
-        raise ValueError(
-            f"`features` (={features}) must be divisible by `feature_group_count` (={feature_group_count})."
-        )
+    _checks.check_batch_norm_attributes(momentum, epsilon)
     if isinstance(reduction, bool) or not isinstance(reduction, int | float) or not 0 < reduction < math.inf:
         raise ValueError(f"`reduction` must be a positive finite number, got {reduction!r}.")
     _checks.check_temperature(temperature)
@@ -300,11 +308,9 @@ def od_conv(
     partitions over the batch itself.
     """
     _checks.check_temperature(temperature)
-    if training and inputs.shape[0] == 0:
-        raise ValueError(
-            "`inputs` must hold at least one sample in training mode (BatchNorm's batch statistics of an empty "
-            f"batch are undefined), got shape {tuple(inputs.shape)}."
-        )
+    # An empty batch has no statistics to normalise by or learn from: its (empty) output is the running
+    # statistics' and they stay as they were, as PyTorch's BatchNorm does for a batch of size 0.
+    training = training and inputs.shape[0] > 0
     found, stats = attentions(config, inputs, temperature, params, mean, var, training=training)
     inputs, bank, bias, channel, filter_, spatial, expert = promote_dtype(
         (inputs, params.kernel, params.bias, *found), dtype=config.dtype

@@ -20,7 +20,14 @@ def setup_filter(taps: ArrayLike, *, num_spatial: int, normalize: bool = True) -
     """A FIR filter as NumPy float32, as NVIDIA's ``setup_filter``: 1-D taps (applied along every spatial dim,
     separably: NVIDIA's outer product for 2-D) or an N-d array, divided by its sum when ``normalize``.
     """
-    taps = np.asarray(taps, np.float32)
+    if taps is None or isinstance(taps, str):
+        raise TypeError(f"`resample_filter` must be a sequence of numbers (FIR taps) or an array, got {taps!r}.")
+    try:
+        taps = np.asarray(taps, np.float32)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"`resample_filter` must be a sequence of numbers (FIR taps) or an array, got {taps!r} ({error})."
+        ) from None
     if taps.ndim not in (1, num_spatial) or taps.size == 0 or not np.all(np.isfinite(taps)):
         raise ValueError(
             f"`resample_filter` must be finite 1-D taps or a {num_spatial}-D array for {num_spatial}-D inputs, "

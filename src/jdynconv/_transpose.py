@@ -83,8 +83,8 @@ def per_sample_conv_transpose(
         raise ValueError(f"`data_format` must be one of {functional.DATA_FORMATS}, got {data_format!r}.")
     if form not in FORMS:
         raise ValueError(f"`form` must be one of {FORMS}, got {form!r}.")
-    inputs = jnp.asarray(inputs)
-    kernels = jnp.asarray(kernels)
+    inputs = _checks.as_array("inputs", inputs)
+    kernels = _checks.as_array("kernels", kernels)
     _checks.check_float_dtype("inputs", inputs)
     _checks.check_float_dtype("kernels", kernels)
     channels_first = data_format == "channels_first"

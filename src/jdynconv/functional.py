@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jdynconv import _checks, _lowering
+from jdynconv import _checks, _lowering, _platform
 from jdynconv._lowering import auto, batch_parallel, canonical
 
 DataFormat = Literal["channels_last", "channels_first"]
@@ -74,8 +74,8 @@ def per_sample_conv(
         raise ValueError(f"`data_format` must be one of {DATA_FORMATS}, got {data_format!r}.")
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-    inputs = jnp.asarray(inputs)
-    kernels = jnp.asarray(kernels)
+    inputs = _checks.as_array("inputs", inputs)
+    kernels = _checks.as_array("kernels", kernels)
     _checks.check_float_dtype("inputs", inputs)
     _checks.check_float_dtype("kernels", kernels)
     if kernels.dtype != inputs.dtype:
@@ -118,14 +118,16 @@ def per_sample_conv(
         precision=precision,
         preferred_element_type=preferred_element_type,
     )
-    lowering = auto.choose_lowering(jax.default_backend()) if method == "auto" else _lowering.LOWERINGS[method]
+    # ``auto`` chooses for the platform the program is lowered for (an export for GPU from a CPU host included).
+    rule = auto.choose_lowering if method == "auto" else lambda platform: _lowering.LOWERINGS[method]
     if batch == 0:
         # An empty batch has an empty result; the lowerings' reshapes and B * G groups cannot express it.
         out_spatial = canonical.output_spatial_shape(spatial, kernel_size, spec)
         out = jnp.zeros((0, *out_spatial, out_channels), preferred_element_type or inputs.dtype)
         out = jnp.moveaxis(out, -1, 1) if channels_first else out
     else:
-        out = batch_parallel.map_batch_shards(_in_layout(lowering, channels_first, spec), (inputs, kernels))
+        run = _platform.by_platform(rule, lambda lowering: _in_layout(lowering, channels_first, spec))
+        out = batch_parallel.map_batch_shards(run, (inputs, kernels))
     if bias is not None:
         bias = broadcastable_bias(bias, batch, out_channels, inputs.dtype, num_spatial).astype(out.dtype)
         out = out + (jnp.moveaxis(bias, -1, 1) if channels_first else bias)
@@ -233,7 +235,7 @@ def _check_preferred_element_type(preferred_element_type: Any, dtype: Any) -> No
 
 def broadcastable_bias(bias: ArrayLike, batch: int, out_channels: int, dtype: Any, num_spatial: int) -> jax.Array:
     """``(B, C_out)`` or ``(C_out,)`` bias reshaped to add to a channels-last output explicitly."""
-    bias = jnp.asarray(bias)
+    bias = _checks.as_array("bias", bias)
     _checks.check_float_dtype("bias", bias)
     if bias.dtype != dtype:
         raise TypeError(f"`bias` must have the dtype of `inputs` ({dtype}), got {bias.dtype}.")
@@ -250,7 +252,7 @@ def broadcastable_bias(bias: ArrayLike, batch: int, out_channels: int, dtype: An
 def mix_outputs(outputs: ArrayLike, weights: ArrayLike, axis: int = 1) -> jax.Array:
     """Per-sample weighted sum over a stacked axis: ``out[b, ...] = sum_n weights[b, n] * outputs[b, ..n.., ...]``.
 
-    The seed's branch mixing (``(w[:, :, None, None, None] * stacked).sum(1)``) as one fused op.
+    The :term:`seed model`'s branch mixing (``(w[:, :, None, None, None] * stacked).sum(1)``) as one fused op.
 
     Args:
       outputs: ``(B, ..., k, ...)`` with the k stacked values on ``axis`` (default 1: ``(B, k, ...)``).
@@ -260,8 +262,8 @@ def mix_outputs(outputs: ArrayLike, weights: ArrayLike, axis: int = 1) -> jax.Ar
     Returns:
       ``outputs`` with ``axis`` summed out: ``(B, ...)``.
     """
-    outputs = jnp.asarray(outputs)
-    weights = jnp.asarray(weights)
+    outputs = _checks.as_array("outputs", outputs)
+    weights = _checks.as_array("weights", weights)
     _checks.check_float_dtype("outputs", outputs)
     _checks.check_float_dtype("weights", weights)
     if outputs.ndim < 2:
@@ -305,8 +307,8 @@ def mix_kernels(bank: ArrayLike, weights: ArrayLike, *, precision: Any = None) -
     Returns:
       ``(B, *kernel_shape)``, ready for :func:`per_sample_conv`.
     """
-    bank = jnp.asarray(bank)
-    weights = jnp.asarray(weights)
+    bank = _checks.as_array("bank", bank)
+    weights = _checks.as_array("weights", weights)
     _checks.check_float_dtype("bank", bank)
     _checks.check_float_dtype("weights", weights)
     if bank.ndim < 1:

@@ -9,8 +9,18 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdynconv import _branch_mix, _checks, _gates, _kernel_mix, _modulated, _odconv
+
+__all__ = [
+    "BranchMixConv",
+    "CondConv",
+    "DynamicConv",
+    "ModulatedConv",
+    "ODConv",
+    "PerSampleConv",
+]
 
 Initializer = Callable[..., jax.Array]
 Dtype = Any
@@ -41,7 +51,7 @@ def branch_bank_init(init: Initializer) -> Initializer:
 class BranchMixConv(nn.Module):
     """k parallel ``Conv -> BatchNorm -> activation`` branches mixed per sample by a learned gate.
 
-    ``out = sum_n gate(x)[:, n] * act(BatchNorm_n(Conv_n(x)))``, with the defaults of the seed model:
+    ``out = sum_n gate(x)[:, n] * act(BatchNorm_n(Conv_n(x)))``, with the defaults of the :term:`seed model`:
     gate = flatten -> Dense(k) -> leaky_relu(0.01), branch activation leaky_relu(0.01), PyTorch's
     BatchNorm momentum (0.1, i.e. Flax ``momentum=0.9``) and epsilon (1e-5). The k branches run as one
     fused conv, so cost and program size do not grow with a Python loop over k.
@@ -57,13 +67,19 @@ class BranchMixConv(nn.Module):
       features: output channels of every branch (and of the block).
       kernel_size: int (same in every spatial dim) or one int per spatial dim.
       num_branches: k >= 1.
-      strides, padding, kernel_dilation, feature_group_count: as ``flax.linen.Conv``.
+      strides: an int or one int per spatial dim (as ``flax.linen.Conv``).
+      padding: ``"SAME"``, ``"VALID"``, ``"CAUSAL"`` (1-D), an int, one int per spatial dim or one ``(low, high)``
+        per spatial dim (as ``flax.linen.Conv``).
+      kernel_dilation: an int or one int per spatial dim (PyTorch's ``dilation``).
+      feature_group_count: G; ``C_in`` and ``features`` must be multiples of it (PyTorch's ``groups``).
       use_bias: whether each branch conv has a bias.
-      momentum, epsilon: BatchNorm's (Flax convention: ``running = momentum * running + (1 - momentum) * batch``).
+      momentum: BatchNorm's, in Flax's convention: ``running = momentum * running + (1 - momentum) * batch``
+        (PyTorch's ``momentum=0.1`` is 0.9).
+      epsilon: BatchNorm's, added to the variance.
       use_running_average: BatchNorm mode; may instead be given at call time.
       unbiased_running_var: update the running variance with the unbiased batch variance, as PyTorch does.
-      gate_input: ``"flatten"`` (seed) or ``"mean"``.
-      gate_activation: ``"leaky_relu"`` (seed), ``"softmax"`` (with the call's ``temperature``),
+      gate_input: ``"flatten"`` (the seed model's) or ``"mean"``.
+      gate_activation: ``"leaky_relu"`` (the seed model's), ``"softmax"`` (with the call's ``temperature``),
         ``"sigmoid"``, ``"identity"`` or a callable on the ``(B, k)`` logits.
       branch_activation: applied after each BatchNorm.
       remat: recompute the branch activations in the backward pass, one branch at a time (a checkpointed
@@ -73,8 +89,15 @@ class BranchMixConv(nn.Module):
         elsewhere); all compute the same function.
       axis_name: as ``flax.linen.BatchNorm``'s: inside ``jax.shard_map``, the mesh axis (or axes) over which
         the batch is split, so that the statistics are the whole batch's. Not needed under ``jax.jit``.
-      dtype, param_dtype, precision, kernel_init, bias_init: as ``flax.linen.Conv``.
-      gate_kernel_init, gate_bias_init, scale_init, offset_init: the gate Dense's and BatchNorm's.
+      dtype: the computation dtype (None: inferred from the inputs and parameters, as ``flax.linen.Conv``).
+      param_dtype: the parameters' dtype.
+      precision: passed to ``jax.lax``'s convolutions and matmuls.
+      kernel_init: each branch kernel's initialiser (applied to each branch on its own).
+      bias_init: each branch bias's initialiser.
+      gate_kernel_init: the gate Dense's kernel initialiser.
+      gate_bias_init: the gate Dense's bias initialiser.
+      scale_init: the BatchNorm scales' initialiser.
+      offset_init: the BatchNorm offsets' initialiser.
     """
 
     features: int
@@ -105,6 +128,24 @@ class BranchMixConv(nn.Module):
     scale_init: Initializer = ones
     offset_init: Initializer = zeros
 
+    def __post_init__(self) -> None:
+        _branch_mix.check_config(  # at construction: every attribute error names the attribute
+            self.features,
+            self.num_branches,
+            self.feature_group_count,
+            self.gate_input,
+            self.gate_activation,
+            self.method,
+            self.remat,
+            kernel_size=self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            kernel_dilation=self.kernel_dilation,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+        )
+        super().__post_init__()
+
     @nn.compact
     def __call__(
         self,
@@ -125,17 +166,9 @@ class BranchMixConv(nn.Module):
         Returns:
           ``(B, *out_spatial, features)``.
         """
-        _branch_mix.check_config(
-            self.features,
-            self.num_branches,
-            self.feature_group_count,
-            self.gate_input,
-            self.gate_activation,
-            self.method,
-            self.remat,
-        )
-        inputs = jnp.asarray(inputs)
-        _checks.check_layer_inputs(inputs, None, self.feature_group_count)
+        inputs = _checks.as_array("inputs", inputs)
+        _check_inputs_against_bank(self, inputs)
+        _checks.check_temperature(temperature)
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         k, groups, features = self.num_branches, self.feature_group_count, self.features
         kernel_size = _branch_mix.kernel_size_for(self.kernel_size, inputs.ndim - 2)
@@ -212,10 +245,16 @@ class PerSampleConv(nn.Module):
     Attributes:
       features: output channels C_out.
       kernel_size: int (same in every spatial dim) or one int per spatial dim.
-      strides, padding, kernel_dilation, input_dilation, feature_group_count: as
-        :func:`jdynconv.per_sample_conv`.
+      strides: an int or one int per spatial dim.
+      padding: ``"SAME"``, ``"VALID"``, ``"CAUSAL"`` (1-D), an int, one int per spatial dim or one ``(low, high)``
+        per spatial dim (as :func:`jdynconv.per_sample_conv`).
+      kernel_dilation: an int or one int per spatial dim (PyTorch's ``dilation``).
+      input_dilation: an int or one int per spatial dim (transposed-conv style; needs explicit or
+        ``"VALID"`` padding).
+      feature_group_count: G; ``C_in`` and ``features`` must be multiples of it (PyTorch's ``groups``).
       dtype: computation dtype (inputs, kernels and bias are promoted to it).
-      precision, method: as :func:`jdynconv.per_sample_conv`.
+      precision: passed to the underlying conv or matmul, as in ``jax.lax``.
+      method: the lowering, as :func:`jdynconv.per_sample_conv`'s (``"auto"``: the fastest measured).
     """
 
     features: int
@@ -229,9 +268,21 @@ class PerSampleConv(nn.Module):
     precision: Any = None
     method: str = "auto"
 
+    def __post_init__(self) -> None:
+        _layer_config(self, None)  # at construction: every attribute error names the attribute
+        super().__post_init__()
+
     def __call__(self, inputs: jax.Array, kernels: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-        """``(B, *spatial, C_in)`` with kernels ``(B, *kernel_size, C_in // G, features)`` and bias
-        ``(B, features)`` or ``(features,)`` -> ``(B, *out_spatial, features)``."""
+        """Convolves each sample with its own kernel.
+
+        Args:
+          inputs: ``(B, *spatial, C_in)``, 1 to 3 spatial dims.
+          kernels: ``(B, *kernel_size, C_in // G, features)``, one kernel per sample.
+          bias: ``(B, features)`` per sample, ``(features,)`` shared, or None.
+
+        Returns:
+          ``(B, *out_spatial, features)``.
+        """
         return _kernel_mix.per_sample_layer(_layer_config(self, None), inputs, kernels, bias)
 
 
@@ -246,12 +297,26 @@ class CondConv(nn.Module):
     (if ``use_bias``), ``routing_kernel (C_in, k)``, ``routing_bias (k,)``.
 
     Attributes:
-      features, kernel_size, strides, padding, kernel_dilation, feature_group_count, use_bias, dtype,
-        param_dtype, precision, kernel_init, bias_init: as ``flax.linen.Conv``.
+      features: output channels.
+      kernel_size: int (same in every spatial dim) or one int per spatial dim.
       num_experts: k >= 1.
-      mixing: ``"auto"``, ``"mix_kernels"`` or ``"mix_outputs"`` (see ``jdynconv._kernel_mix``).
-      method: the per-sample conv's lowering when kernels are mixed.
-      routing_kernel_init, routing_bias_init: the routing Dense's.
+      strides: an int or one int per spatial dim (as ``flax.linen.Conv``).
+      padding: ``"SAME"``, ``"VALID"``, ``"CAUSAL"`` (1-D), an int, one int per spatial dim or one
+        ``(low, high)`` per spatial dim (as ``flax.linen.Conv``).
+      kernel_dilation: an int or one int per spatial dim (PyTorch's ``dilation``).
+      feature_group_count: G; ``C_in`` and ``features`` must be multiples of it (PyTorch's ``groups``).
+      use_bias: whether each expert has a bias.
+      dtype: the computation dtype (None: inferred from the inputs and parameters, as ``flax.linen.Conv``).
+      param_dtype: the parameters' dtype.
+      precision: passed to ``jax.lax``'s convolutions and matmuls.
+      mixing: ``"mix_kernels"`` (the experts' kernels mixed per sample, then a per-sample conv),
+        ``"mix_outputs"`` (one shared conv with every expert's output channels, then the outputs mixed) or
+        ``"auto"`` (the cheaper for the shapes); all compute the same function.
+      method: the per-sample conv's lowering when kernels are mixed, as :func:`jdynconv.per_sample_conv`'s.
+      kernel_init: each expert kernel's initialiser (applied to each expert on its own).
+      bias_init: each expert bias's initialiser.
+      routing_kernel_init: the routing Dense's kernel initialiser.
+      routing_bias_init: the routing Dense's bias initialiser.
     """
 
     features: int
@@ -272,9 +337,22 @@ class CondConv(nn.Module):
     routing_kernel_init: Initializer = default_kernel_init
     routing_bias_init: Initializer = zeros
 
+    def __post_init__(self) -> None:
+        _layer_config(self, self.num_experts)  # at construction: every attribute error names the attribute
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, inputs: jax.Array, routing_weights: jax.Array | None = None) -> jax.Array:
-        """``(B, *spatial, C_in)`` -> ``(B, *out_spatial, features)``; ``routing_weights`` ``(B, k)``."""
+        """Applies the layer.
+
+        Args:
+          inputs: ``(B, *spatial, C_in)``, 1 to 3 spatial dims.
+          routing_weights: ``(B, k)`` mixing weights to use instead of the routing Dense's (as timm's
+            ``CondConv2d`` takes them).
+
+        Returns:
+          ``(B, *out_spatial, features)``.
+        """
         inputs, bank, bias_bank = _expert_bank(self, inputs)
         k, in_channels = self.num_experts, inputs.shape[-1]
         routing_kernel = self.param("routing_kernel", self.routing_kernel_init, (in_channels, k), self.param_dtype)
@@ -295,13 +373,35 @@ class DynamicConv(nn.Module):
     (if ``use_bias``), ``attention_hidden_kernel (C_in, hidden)``, ``attention_kernel (hidden, k)``,
     ``attention_bias (k,)``.
 
-    Attributes: as :class:`CondConv`, plus ``ratio`` (hidden width) and the attention initialisers.
+    Attributes:
+      features: output channels.
+      kernel_size: int (same in every spatial dim) or one int per spatial dim.
+      num_experts: k >= 1.
+      ratio: the attention's hidden width is ``int(C_in * ratio) + 1``; positive.
+      temperature: the default of the call's ``temperature``; positive (the original code stores 34 and anneals
+        it; :func:`jdynconv.interop.from_torch` sets the ported layer's).
+      strides: an int or one int per spatial dim (as ``flax.linen.Conv``).
+      padding: ``"SAME"``, ``"VALID"``, ``"CAUSAL"`` (1-D), an int, one int per spatial dim or one
+        ``(low, high)`` per spatial dim (as ``flax.linen.Conv``).
+      kernel_dilation: an int or one int per spatial dim (PyTorch's ``dilation``).
+      feature_group_count: G; ``C_in`` and ``features`` must be multiples of it (PyTorch's ``groups``).
+      use_bias: whether each expert has a bias.
+      dtype: the computation dtype (None: inferred from the inputs and parameters, as ``flax.linen.Conv``).
+      param_dtype: the parameters' dtype.
+      precision: passed to ``jax.lax``'s convolutions and matmuls.
+      mixing: ``"auto"``, ``"mix_kernels"`` or ``"mix_outputs"``, as :class:`CondConv`'s.
+      method: the per-sample conv's lowering when kernels are mixed, as :func:`jdynconv.per_sample_conv`'s.
+      kernel_init: each expert kernel's initialiser (applied to each expert on its own).
+      bias_init: each expert bias's initialiser.
+      attention_kernel_init: the attention Dense layers' kernel initialiser.
+      attention_bias_init: the attention output Dense's bias initialiser.
     """
 
     features: int
     kernel_size: int | Sequence[int]
     num_experts: int
     ratio: float = 0.25
+    temperature: float = 1.0
     strides: _checks.IntOrSequence = 1
     padding: _checks.PaddingLike = "SAME"
     kernel_dilation: _checks.IntOrSequence = 1
@@ -317,19 +417,29 @@ class DynamicConv(nn.Module):
     attention_kernel_init: Initializer = default_kernel_init
     attention_bias_init: Initializer = zeros
 
+    def __post_init__(self) -> None:
+        _layer_config(self, self.num_experts)  # at construction: every attribute error names the attribute
+        _checks.check_temperature(self.temperature)
+        super().__post_init__()
+
     @nn.compact
     def __call__(
         self,
         inputs: jax.Array,
-        temperature: float | jax.Array = 1.0,
+        temperature: float | jax.Array | None = None,
         attention_weights: jax.Array | None = None,
     ) -> jax.Array:
-        """``(B, *spatial, C_in)`` -> ``(B, *out_spatial, features)``.
+        """Applies the layer.
 
         Args:
-          temperature: positive; divides the attention logits (checked when concrete; a traced value
-            is the caller's responsibility, as a non-positive one gives NaN or a one-hot argmax).
+          inputs: ``(B, *spatial, C_in)``, 1 to 3 spatial dims.
+          temperature: positive; divides the attention logits; None: the ``temperature`` attribute. Checked
+            when concrete; a traced value (an annealing schedule under ``jit``) is the caller's to keep
+            positive, as a non-positive one gives NaN or a one-hot argmax.
           attention_weights: ``(B, k)`` weights to use instead of the attention branch's.
+
+        Returns:
+          ``(B, *out_spatial, features)``.
         """
         inputs, bank, bias_bank = _expert_bank(self, inputs)
         k, in_channels = self.num_experts, inputs.shape[-1]
@@ -342,7 +452,7 @@ class DynamicConv(nn.Module):
         return _kernel_mix.dynamic_conv(
             _layer_config(self, k),
             inputs,
-            temperature,
+            self.temperature if temperature is None else temperature,
             attention_weights,
             hidden_kernel,
             attention_kernel,
@@ -353,7 +463,17 @@ class DynamicConv(nn.Module):
 
 
 def _layer_config(module: PerSampleConv | CondConv | DynamicConv, num_experts: int | None) -> _kernel_mix.LayerConfig:
-    _kernel_mix.check_layer(module.features, num_experts, module.feature_group_count)
+    _kernel_mix.check_layer(
+        module.features,
+        num_experts,
+        module.feature_group_count,
+        kernel_size=module.kernel_size,
+        strides=module.strides,
+        padding=module.padding,
+        kernel_dilation=module.kernel_dilation,
+        input_dilation=getattr(module, "input_dilation", 1),
+        ratio=getattr(module, "ratio", None),
+    )
     mixing = getattr(module, "mixing", "auto")
     _kernel_mix.check_mixing(mixing, module.method)
     return _kernel_mix.LayerConfig(
@@ -373,10 +493,10 @@ def _layer_config(module: PerSampleConv | CondConv | DynamicConv, num_experts: i
 
 
 def _expert_bank(module: CondConv | DynamicConv, inputs: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Validates the inputs and creates the expert kernel and bias banks ``(k, ...)``."""
-    _layer_config(module, module.num_experts)
-    inputs = jnp.asarray(inputs)
-    _checks.check_layer_inputs(inputs, None, module.feature_group_count)
+    """Validates the inputs (against the bank when it exists) and creates the expert kernel and bias banks
+    ``(k, ...)``."""
+    inputs = _checks.as_array("inputs", inputs)
+    _check_inputs_against_bank(module, inputs)
     kernel_size = _checks.canonicalize_ints(module.kernel_size, inputs.ndim - 2, "kernel_size")
     k, groups = module.num_experts, module.feature_group_count
     shape = (k, *kernel_size, inputs.shape[-1] // groups, module.features)
@@ -387,6 +507,16 @@ def _expert_bank(module: CondConv | DynamicConv, inputs: jax.Array) -> tuple[jax
         else None
     )
     return inputs, bank, bias_bank
+
+
+def _check_inputs_against_bank(module: nn.Module, inputs: jax.Array) -> None:
+    """``inputs`` of the rank and channels the ``kernel`` bank ``(k, *kernel_size, C_in // G, features)`` was
+    built for; checked before ``self.param``, whose shape error would not say what the layer expects."""
+    in_features = num_spatial = None
+    if module.has_variable("params", "kernel"):
+        shape = module.get_variable("params", "kernel").shape
+        num_spatial, in_features = len(shape) - 3, shape[-2] * module.feature_group_count
+    _checks.check_layer_inputs(inputs, in_features, module.feature_group_count, num_spatial)
 
 
 # ODConv's initialisation (OSVAI/ODConv modules/odconv.py): ``kaiming_normal_(mode="fan_out",
@@ -403,7 +533,8 @@ class ODConv(nn.Module):
         h = relu(BatchNorm(mean over space of x @ attention_kernel))        (B, A)
         channel, filter, spatial = sigmoid(Dense_c, Dense_f, Dense_s of h / temperature)
         expert = softmax(Dense_e(h) / temperature)
-        out[b] = filter[b] * conv(channel[b] * x[b], spatial[b] * sum_n expert[b, n] * kernel[n]) (+ bias)
+        out[b] = filter[b] * conv(channel[b] * x[b],
+                                  spatial[b] * sum_n expert[b, n] * kernel[n])  (+ bias)
 
     with ``A = max(int(C_in * reduction), min_channels)``. Skipped as in the original (no head, attention 1):
     ``filter`` for a depthwise conv (``C_in == feature_group_count == features``), ``spatial`` for a one-tap
@@ -419,21 +550,37 @@ class ODConv(nn.Module):
     ``var`` ``(A,)``.
 
     Attributes:
-      features, kernel_size, strides, padding, kernel_dilation, feature_group_count, use_bias, dtype,
-        param_dtype, precision: as ``flax.linen.Conv``.
+      features: output channels.
+      kernel_size: int (same in every spatial dim) or one int per spatial dim.
       num_experts: k >= 1 expert kernels (the original's ``kernel_num``, default 4).
-      reduction, min_channels: the attention's width ``max(int(C_in * reduction), min_channels)``
-        (the original's defaults 0.0625 and 16).
+      reduction: the attention's width is ``max(int(C_in * reduction), min_channels)`` (the original's
+        default 0.0625).
+      min_channels: the attention's smallest width (the original's default 16).
       temperature: the default of the call's ``temperature``; positive.
-      momentum, epsilon, use_running_average, unbiased_running_var, axis_name: the attention's BatchNorm, as
-        :class:`BranchMixConv`'s (PyTorch's momentum 0.1 is ``momentum=0.9``; ``unbiased_running_var=True``
-        stores PyTorch's running variance).
+      strides: an int or one int per spatial dim (as ``flax.linen.Conv``).
+      padding: ``"SAME"``, ``"VALID"``, ``"CAUSAL"`` (1-D), an int, one int per spatial dim or one
+        ``(low, high)`` per spatial dim (as ``flax.linen.Conv``).
+      kernel_dilation: an int or one int per spatial dim (PyTorch's ``dilation``).
+      feature_group_count: G; ``C_in`` and ``features`` must be multiples of it (PyTorch's ``groups``).
+      use_bias: whether the conv has a bias (the original has none).
+      momentum: the attention BatchNorm's, in Flax's convention (PyTorch's ``momentum=0.1`` is 0.9).
+      epsilon: the attention BatchNorm's, added to the variance.
+      use_running_average: the attention BatchNorm's mode; may instead be given at call time.
+      unbiased_running_var: update the running variance with the unbiased batch variance, as PyTorch does.
       attention_placement: ``"auto"``, ``"kernel"`` or ``"activations"``: where the channel and filter
         attentions are applied (same result; see ``jdynconv._odconv``).
       method: the per-sample conv's lowering, as :func:`jdynconv.per_sample_conv`'s.
+      axis_name: as :class:`BranchMixConv`'s: the mesh axis (or axes) the batch is split over inside
+        ``jax.shard_map``, for the attention BatchNorm's statistics.
+      dtype: the computation dtype (None: inferred from the inputs and parameters, as ``flax.linen.Conv``).
+      param_dtype: the parameters' dtype.
+      precision: passed to ``jax.lax``'s convolutions and matmuls.
       kernel_init: each expert's kernel (default: the original's kaiming normal, fan out).
-      bias_init, attention_kernel_init, attention_bias_init, scale_init, offset_init: the bias's, the
-        attention Dense layers' and its BatchNorm's (defaults: the original's).
+      bias_init: the conv bias's initialiser.
+      attention_kernel_init: the attention Dense layers' kernel initialiser (default: the original's).
+      attention_bias_init: the attention Dense layers' bias initialiser.
+      scale_init: the attention BatchNorm scale's initialiser.
+      offset_init: the attention BatchNorm offset's initialiser.
     """
 
     features: int
@@ -464,6 +611,25 @@ class ODConv(nn.Module):
     scale_init: Initializer = ones
     offset_init: Initializer = zeros
 
+    def __post_init__(self) -> None:
+        _odconv.check_config(  # at construction: every attribute error names the attribute
+            self.features,
+            self.num_experts,
+            self.feature_group_count,
+            self.reduction,
+            self.min_channels,
+            self.temperature,
+            self.attention_placement,
+            self.method,
+            kernel_size=self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            kernel_dilation=self.kernel_dilation,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+        )
+        super().__post_init__()
+
     @nn.compact
     def __call__(
         self,
@@ -483,18 +649,8 @@ class ODConv(nn.Module):
         Returns:
           ``(B, *out_spatial, features)``.
         """
-        _odconv.check_config(
-            self.features,
-            self.num_experts,
-            self.feature_group_count,
-            self.reduction,
-            self.min_channels,
-            self.temperature,
-            self.attention_placement,
-            self.method,
-        )
-        inputs = jnp.asarray(inputs)
-        _checks.check_layer_inputs(inputs, None, self.feature_group_count)
+        inputs = _checks.as_array("inputs", inputs)
+        _check_inputs_against_bank(self, inputs)
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         kernel_size = _checks.canonicalize_ints(self.kernel_size, inputs.ndim - 2, "kernel_size")
         in_channels = inputs.shape[-1]
@@ -567,22 +723,35 @@ class ModulatedConv(nn.Module):
     ``noise_mode="const"``.
 
     Attributes:
-      features: C_out. kernel_size: int or one int per spatial dim.
-      up, down, demodulate, resample_filter, flip_weight, fused, data_format, precision, method: as
-        :func:`jdynconv.modulated_conv`; ``padding`` None is ``kernel_size // 2`` and ``flip_weight`` None
-        is ``up == 1`` (NVIDIA's).
+      features: output channels C_out.
+      kernel_size: int (same in every spatial dim) or one int per spatial dim.
+      up: up-sampling factor, as :func:`jdynconv.modulated_conv`'s.
+      down: down-sampling factor, as :func:`jdynconv.modulated_conv`'s.
+      padding: as :func:`jdynconv.modulated_conv`'s; None is ``kernel_size // 2`` (NVIDIA's).
+      demodulate: normalise each output channel's per-sample kernel, as :func:`jdynconv.modulated_conv`'s.
       affine: styles from a Dense of the latents (True) or passed in (False).
       style_gain: multiplies the styles (ToRGB's weight gain).
-      use_noise: add ``noise_strength`` (initialised to 0) times noise; noise_shape: the output's spatial
-        shape, for ``noise_mode="const"``; with it the layer has a ``constants`` collection, which every
-        ``apply`` then needs (pass all of ``init``'s variables).
-      use_bias, activation (``"lrelu"``, slope 0.2, or ``"linear"``), activation_gain (None: sqrt(2) for
-        lrelu, 1 for linear), clamp (NVIDIA's ``conv_clamp``).
+      use_noise: add ``noise_strength`` (initialised to 0) times noise.
+      noise_shape: the output's spatial shape, for ``noise_mode="const"``; with it the layer has a
+        ``constants`` collection, which every ``apply`` then needs (pass all of ``init``'s variables).
+      use_bias: whether the layer adds a bias.
+      activation: ``"lrelu"`` (slope 0.2) or ``"linear"``.
+      activation_gain: multiplies the activation (None: sqrt(2) for lrelu, 1 for linear).
+      clamp: clamps the output to ``[-clamp * gain, clamp * gain]`` (NVIDIA's ``conv_clamp``); None: no clamp.
+      resample_filter: the FIR filter of ``up``/``down``, as :func:`jdynconv.modulated_conv`'s.
+      flip_weight: as :func:`jdynconv.modulated_conv`'s; None is ``up == 1`` (NVIDIA's).
+      fused: per-sample kernels (True), scaled activations around one shared conv (False) or ``"auto"``, as
+        :func:`jdynconv.modulated_conv`'s.
       lr_multiplier: the affine's learning-rate multiplier.
+      data_format: ``"channels_last"`` or ``"channels_first"`` (PyTorch's layout, for inputs and kernel).
       dtype: the convolution's dtype (the inputs are cast to it; None: the inputs'); the per-sample kernels are
         cast to it too, while styles, modulation and demodulation stay in ``param_dtype`` (NVIDIA's
         ``.to(x.dtype)`` scheme, not Flax's ``promote_dtype``).
-      param_dtype, kernel_init (NVIDIA's: standard normal), bias_init: as Flax.
+      param_dtype: the parameters' dtype.
+      precision: passed to the convs, as in ``jax.lax``.
+      method: the :func:`jdynconv.per_sample_conv` lowering of the fused path.
+      kernel_init: the kernel's initialiser (NVIDIA's: standard normal).
+      bias_init: the bias's initialiser.
     """
 
     features: int
@@ -611,6 +780,10 @@ class ModulatedConv(nn.Module):
     kernel_init: Initializer = standard_normal
     bias_init: Initializer = zeros
 
+    def __post_init__(self) -> None:
+        _modulated_config(self, _attribute_rank(self))  # at construction: every attribute error names the attribute
+        super().__post_init__()
+
     @nn.compact
     def __call__(
         self,
@@ -621,23 +794,37 @@ class ModulatedConv(nn.Module):
         noise_mode: str = "random",
         gain: float | jax.Array = 1.0,
     ) -> jax.Array:
-        """``(B, *spatial, C_in)`` (or ``(B, C_in, *spatial)``) and latents ``(B, latent_dim)`` (styles
-        ``(B, C_in)`` without ``affine``) -> ``(B, *out_spatial, features)`` (or channels first).
+        """Applies the layer.
 
-        ``noise`` (``(B, *out_spatial, 1)`` in the output's layout, or the output's shape) replaces the draw
-        from the ``"noise"`` rng stream in ``noise_mode="random"``; ``"const"`` adds ``noise_const``,
-        ``"none"`` nothing.
+        Args:
+          inputs: ``(B, *spatial, C_in)``, or ``(B, C_in, *spatial)`` for ``"channels_first"``.
+          latents: ``(B, latent_dim)``; without ``affine``, the styles ``(B, C_in)``.
+          noise: ``(B, *out_spatial, 1)`` in the output's layout, or the output's shape: replaces the draw
+            from the ``"noise"`` rng stream in ``noise_mode="random"``.
+          noise_mode: ``"random"``, ``"const"`` (adds ``noise_const``) or ``"none"`` (adds nothing).
+          gain: multiplies the output (and the clamp), as NVIDIA's ``gain``.
+
+        Returns:
+          ``(B, *out_spatial, features)``, or ``(B, features, *out_spatial)`` for ``"channels_first"``.
         """
-        inputs = jnp.asarray(inputs)
+        inputs = _checks.as_array("inputs", inputs)
+        latents = _checks.as_array("latents", latents)
         channels_first = self.data_format == "channels_first"
+        built_for = self.get_variable("params", "kernel").shape if self.has_variable("params", "kernel") else None
         rank = inputs.ndim - 2 if _checks.is_int(self.kernel_size) else len(self.kernel_size)
+        rank = len(built_for) - 2 if built_for is not None else rank
         config = _modulated_config(self, rank)
-        _modulated.check_layer_inputs(config, inputs, None)
+        in_features = None if built_for is None else built_for[1 if channels_first else -2]
+        _modulated.check_layer_inputs(config, inputs, in_features)
         in_channels = inputs.shape[1 if channels_first else -1]
+        width = in_channels
+        if self.affine:
+            built = self.has_variable("params", "affine_kernel")
+            width = self.get_variable("params", "affine_kernel").shape[0] if built else None
+        _modulated.check_latents(latents, inputs.shape[0], width, self.affine)
         kernel = self.param("kernel", self.kernel_init, _modulated.kernel_shape(config, in_channels), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         if self.affine:
-            latents = jnp.asarray(latents)
             affine_kernel = self.param(
                 "affine_kernel",
                 _scaled(standard_normal, 1 / self.lr_multiplier),
@@ -647,7 +834,7 @@ class ModulatedConv(nn.Module):
             affine_bias = self.param("affine_bias", ones, (in_channels,), self.param_dtype)
             styles = _modulated.affine_styles(latents, affine_kernel, affine_bias, self.lr_multiplier)
         else:
-            styles = jnp.asarray(latents).astype(self.param_dtype)
+            styles = latents.astype(self.param_dtype)
         if not self.use_noise:
             draw = _modulated.no_noise(noise, noise_mode)
         else:
@@ -669,6 +856,18 @@ def _scaled(init: Initializer, factor: float) -> Initializer:
         return init(key, shape, dtype) * jnp.asarray(factor, dtype)
 
     return scaled_init
+
+
+def _attribute_rank(module: ModulatedConv) -> int:
+    """The number of spatial dims the attributes fix (by ``kernel_size``, ``padding`` or an N-d filter), or 1
+    where none does: enough to check them before the inputs come."""
+    for value in (module.kernel_size, module.padding):
+        if isinstance(value, Sequence) and not isinstance(value, str) and 1 <= len(value) <= 3:
+            return len(value)
+    try:
+        return max(1, min(3, np.ndim(module.resample_filter)))
+    except (TypeError, ValueError):  # not an array: setup_filter says so, naming `resample_filter`
+        return 1
 
 
 def _modulated_config(module: ModulatedConv, num_spatial: int) -> _modulated.LayerConfig:

@@ -22,6 +22,16 @@ from jdynconv.linen import (
     zeros,
 )
 
+__all__ = [
+    "BranchMixConv",
+    "CondConv",
+    "DynamicConv",
+    "ModulatedConv",
+    "NoiseConst",
+    "ODConv",
+    "PerSampleConv",
+]
+
 
 class BranchMixConv(nnx.Module):
     """k parallel ``Conv -> BatchNorm -> activation`` branches mixed per sample by a learned gate.
@@ -30,11 +40,14 @@ class BranchMixConv(nnx.Module):
     the same variables under the same names, ``nnx.Param`` and ``nnx.BatchStat``. BatchNorm's mode
     follows ``model.train()`` / ``model.eval()`` (the ``use_running_average`` attribute).
 
+    Every argument not described here is the linen layer's attribute of the same name.
+
     Args:
       in_features: input channels C_in.
-      features, kernel_size, num_branches: as in linen.
+      kernel_size: one int per spatial dim, or an int (same in every spatial dim) with ``input_shape``.
       input_shape: the spatial shape ``(H, W)`` etc. of the inputs. Required by the ``"flatten"`` gate
         (its Dense has ``C_in * prod(input_shape)`` inputs) and to expand an int ``kernel_size``.
+      use_running_average: BatchNorm mode; ``model.train()`` sets it to False, ``model.eval()`` to True.
       rngs: ``nnx.Rngs`` for the initialisers.
     """
 
@@ -73,7 +86,19 @@ class BranchMixConv(nnx.Module):
         rngs: nnx.Rngs,
     ) -> None:
         _branch_mix.check_config(
-            features, num_branches, feature_group_count, gate_input, gate_activation, method, remat
+            features,
+            num_branches,
+            feature_group_count,
+            gate_input,
+            gate_activation,
+            method,
+            remat,
+            kernel_size=kernel_size,
+            strides=strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            momentum=momentum,
+            epsilon=epsilon,
         )
         if not _checks.is_int(in_features) or in_features < 1 or in_features % feature_group_count:
             raise ValueError(
@@ -144,10 +169,13 @@ class BranchMixConv(nnx.Module):
     ) -> jax.Array:
         """Applies the block: ``(B, *spatial, C_in) -> (B, *out_spatial, features)``.
 
-        Args as :meth:`jdynconv.linen.BranchMixConv.__call__`; ``use_running_average`` overrides the
-        attribute for this call.
+        The other arguments are :meth:`jdynconv.linen.BranchMixConv.__call__`'s.
+
+        Args:
+          use_running_average: BatchNorm mode for this call; None: the attribute (see ``model.eval()``).
         """
-        inputs = jnp.asarray(inputs)
+        inputs = _checks.as_array("inputs", inputs)
+        _checks.check_temperature(temperature)
         _checks.check_layer_inputs(inputs, self.in_features, self.config.feature_group_count)
         if self.input_shape is not None and inputs.ndim - 2 != len(self.input_shape):
             raise ValueError(
@@ -207,8 +235,19 @@ def _nnx_layer_config(
     mixing: str,
     method: str,
     input_dilation: Any = 1,
+    ratio: float | None = None,
 ) -> _kernel_mix.LayerConfig:
-    _kernel_mix.check_layer(features, num_experts, feature_group_count)
+    _kernel_mix.check_layer(
+        features,
+        num_experts,
+        feature_group_count,
+        kernel_size=kernel_size,
+        strides=strides,
+        padding=padding,
+        kernel_dilation=kernel_dilation,
+        input_dilation=input_dilation,
+        ratio=ratio,
+    )
     _kernel_mix.check_mixing(mixing, method)
     if not _checks.is_int(in_features) or in_features < 1 or in_features % feature_group_count:
         raise ValueError(
@@ -235,9 +274,12 @@ def _nnx_layer_config(
 class PerSampleConv(nnx.Module):
     """The NNX twin of :class:`jdynconv.linen.PerSampleConv`: kernels passed per call, no parameters.
 
+    Every argument not described here is the linen layer's attribute of the same name.
+
     Args:
-      in_features: C_in; features: C_out; kernel_size: one int per spatial dim.
-      The rest as the linen layer. ``rngs`` is accepted for uniformity and unused.
+      in_features: input channels C_in.
+      kernel_size: one int per spatial dim.
+      rngs: accepted for uniformity with the other layers; unused.
     """
 
     def __init__(
@@ -274,8 +316,12 @@ class PerSampleConv(nnx.Module):
         )
 
     def __call__(self, inputs: jax.Array, kernels: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-        """``(B, *spatial, C_in)``, kernels ``(B, *kernel_size, C_in // G, features)`` -> ``(B, *out, features)``."""
-        _checks.check_layer_inputs(jnp.asarray(inputs), self.in_features, self.config.feature_group_count)
+        """Convolves each sample with its own kernel: ``(B, *spatial, C_in) -> (B, *out_spatial, features)``.
+
+        Arguments as :meth:`jdynconv.linen.PerSampleConv.__call__`'s.
+        """
+        inputs = _checks.as_array("inputs", inputs)
+        _checks.check_layer_inputs(inputs, self.in_features, self.config.feature_group_count)
         return _kernel_mix.per_sample_layer(self.config, inputs, kernels, bias)
 
 
@@ -301,13 +347,9 @@ class _ExpertBank(nnx.Module):
         self.bias = nnx.Param(bias) if use_bias else None
 
     def _checked(self, inputs: jax.Array) -> jax.Array:
-        inputs = jnp.asarray(inputs)
-        _checks.check_layer_inputs(inputs, self.in_features, self.config.feature_group_count)
-        if inputs.ndim - 2 != len(self.config.kernel_size):
-            raise ValueError(
-                f"`inputs` must have {len(self.config.kernel_size)} spatial dims to match `kernel_size` "
-                f"{self.config.kernel_size}, got shape {inputs.shape}."
-            )
+        inputs = _checks.as_array("inputs", inputs)
+        num_spatial = len(self.config.kernel_size)
+        _checks.check_layer_inputs(inputs, self.in_features, self.config.feature_group_count, num_spatial)
         return inputs
 
     def _bias_value(self) -> jax.Array | None:
@@ -317,9 +359,12 @@ class _ExpertBank(nnx.Module):
 class CondConv(_ExpertBank):
     """The NNX twin of :class:`jdynconv.linen.CondConv` (same variables under the same names).
 
+    Every argument not described here is the linen layer's attribute of the same name.
+
     Args:
-      in_features: C_in; features; kernel_size: one int per spatial dim; num_experts: k.
-      The rest as the linen layer; ``rngs`` for the initialisers.
+      in_features: input channels C_in.
+      kernel_size: one int per spatial dim.
+      rngs: ``nnx.Rngs`` for the initialisers.
     """
 
     def __init__(
@@ -364,7 +409,10 @@ class CondConv(_ExpertBank):
         self.routing_bias = nnx.Param(routing_bias_init(rngs.params(), (num_experts,), param_dtype))
 
     def __call__(self, inputs: jax.Array, routing_weights: jax.Array | None = None) -> jax.Array:
-        """``(B, *spatial, C_in)`` -> ``(B, *out_spatial, features)``; ``routing_weights`` ``(B, k)``."""
+        """Applies the layer: ``(B, *spatial, C_in) -> (B, *out_spatial, features)``.
+
+        Arguments as :meth:`jdynconv.linen.CondConv.__call__`'s.
+        """
         return _kernel_mix.cond_conv(
             self.config,
             self._checked(inputs),
@@ -379,14 +427,12 @@ class CondConv(_ExpertBank):
 class DynamicConv(_ExpertBank):
     """The NNX twin of :class:`jdynconv.linen.DynamicConv` (same variables under the same names).
 
-    Args:
-      in_features: C_in.
-      features: C_out.
-      kernel_size: one int per spatial dim.
-      num_experts: k.
-      ratio: the attention's hidden width is ``int(C_in * ratio) + 1``.
+    Every argument not described here is the linen layer's attribute of the same name.
 
-    The other arguments are the linen layer's attributes.
+    Args:
+      in_features: input channels C_in.
+      kernel_size: one int per spatial dim.
+      rngs: ``nnx.Rngs`` for the initialisers.
     """
 
     def __init__(
@@ -397,6 +443,7 @@ class DynamicConv(_ExpertBank):
         num_experts: int,
         *,
         ratio: float = 0.25,
+        temperature: float = 1.0,
         strides: _checks.IntOrSequence = 1,
         padding: _checks.PaddingLike = "SAME",
         kernel_dilation: _checks.IntOrSequence = 1,
@@ -426,7 +473,10 @@ class DynamicConv(_ExpertBank):
             precision=precision,
             mixing=mixing,
             method=method,
+            ratio=ratio,
         )
+        _checks.check_temperature(temperature)
+        self.temperature = float(temperature)
         self._init_bank(config, in_features, use_bias, kernel_init, bias_init, param_dtype, rngs)
         hidden = _kernel_mix.hidden_width(in_features, ratio)
         self.attention_hidden_kernel = nnx.Param(
@@ -438,14 +488,17 @@ class DynamicConv(_ExpertBank):
     def __call__(
         self,
         inputs: jax.Array,
-        temperature: float | jax.Array = 1.0,
+        temperature: float | jax.Array | None = None,
         attention_weights: jax.Array | None = None,
     ) -> jax.Array:
-        """``(B, *spatial, C_in)`` -> ``(B, *out_spatial, features)``; see the linen layer."""
+        """Applies the layer: ``(B, *spatial, C_in) -> (B, *out_spatial, features)``.
+
+        Arguments as :meth:`jdynconv.linen.DynamicConv.__call__`'s.
+        """
         return _kernel_mix.dynamic_conv(
             self.config,
             self._checked(inputs),
-            temperature,
+            self.temperature if temperature is None else temperature,
             attention_weights,
             self.attention_hidden_kernel[...],
             self.attention_kernel[...],
@@ -460,10 +513,14 @@ class ODConv(nnx.Module):
     variables under the same names, ``nnx.Param`` and ``nnx.BatchStat``. The attention's BatchNorm follows
     ``model.train()`` / ``model.eval()`` (the ``use_running_average`` attribute).
 
+    Every argument not described here is the linen layer's attribute of the same name.
+
     Args:
       in_features: input channels C_in.
-      features: output channels; kernel_size: one int per spatial dim; num_experts: k (default 4).
-      The rest as the linen layer; ``rngs`` for the initialisers.
+      kernel_size: one int per spatial dim.
+      use_running_average: the attention BatchNorm's mode; ``model.train()`` sets it to False,
+        ``model.eval()`` to True.
+      rngs: ``nnx.Rngs`` for the initialisers.
     """
 
     def __init__(
@@ -508,6 +565,12 @@ class ODConv(nnx.Module):
             temperature,
             attention_placement,
             method,
+            kernel_size=kernel_size,
+            strides=strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            momentum=momentum,
+            epsilon=epsilon,
         )
         layer = _nnx_layer_config(
             in_features,
@@ -573,15 +636,16 @@ class ODConv(nnx.Module):
         *,
         use_running_average: bool | None = None,
     ) -> jax.Array:
-        """``(B, *spatial, C_in)`` -> ``(B, *out_spatial, features)``; arguments as the linen layer's
-        (``use_running_average`` overrides the attribute for this call)."""
-        inputs = jnp.asarray(inputs)
-        _checks.check_layer_inputs(inputs, self.in_features, self.config.feature_group_count)
-        if inputs.ndim - 2 != len(self.config.kernel_size):
-            raise ValueError(
-                f"`inputs` must have {len(self.config.kernel_size)} spatial dims to match `kernel_size` "
-                f"{self.config.kernel_size}, got shape {inputs.shape}."
-            )
+        """Applies the layer: ``(B, *spatial, C_in) -> (B, *out_spatial, features)``.
+
+        The other arguments are :meth:`jdynconv.linen.ODConv.__call__`'s.
+
+        Args:
+          use_running_average: the attention BatchNorm's mode for this call; None: the attribute.
+        """
+        inputs = _checks.as_array("inputs", inputs)
+        num_spatial = len(self.config.kernel_size)
+        _checks.check_layer_inputs(inputs, self.in_features, self.config.feature_group_count, num_spatial)
         use_running_average = self.use_running_average if use_running_average is None else use_running_average
         values = {name: getattr(self, name) for name in _odconv.ODConvParams._fields}
         params = _odconv.ODConvParams.of({name: value[...] for name, value in values.items() if value is not None})
@@ -611,10 +675,13 @@ class ModulatedConv(nnx.Module):
     """The NNX twin of :class:`jdynconv.linen.ModulatedConv` (see it for the maths and every attribute): the
     same variables under the same names (``noise_const`` a :class:`NoiseConst`).
 
+    Every argument not described here is the linen layer's attribute of the same name.
+
     Args:
-      in_features: C_in; features: C_out; kernel_size: one int per spatial dim.
+      in_features: input channels C_in.
+      kernel_size: one int per spatial dim.
       latent_features: the latents' width for the affine (required when ``affine``).
-      The rest as the linen layer; ``rngs`` for the initialisers, and its ``noise`` stream for random noise.
+      rngs: ``nnx.Rngs`` for the initialisers, and its ``noise`` stream for random noise.
     """
 
     def __init__(
@@ -700,17 +767,21 @@ class ModulatedConv(nnx.Module):
         noise_mode: str = "random",
         gain: float | jax.Array = 1.0,
     ) -> jax.Array:
-        """As :meth:`jdynconv.linen.ModulatedConv.__call__`."""
-        inputs = jnp.asarray(inputs)
+        """Applies the layer, as :meth:`jdynconv.linen.ModulatedConv.__call__`."""
+        inputs = _checks.as_array("inputs", inputs)
+        latents = _checks.as_array("latents", latents)
         config = self.config
         channels_first = config.data_format == "channels_first"
         _modulated.check_layer_inputs(config, inputs, self.in_features)
-        if self.affine_kernel is not None:
+        affine = self.affine_kernel is not None
+        width = self.affine_kernel.shape[0] if affine else self.in_features
+        _modulated.check_latents(latents, inputs.shape[0], width, affine)
+        if affine:
             styles = _modulated.affine_styles(
-                jnp.asarray(latents), self.affine_kernel[...], self.affine_bias[...], config.lr_multiplier
+                latents, self.affine_kernel[...], self.affine_bias[...], config.lr_multiplier
             )
         else:
-            styles = jnp.asarray(latents).astype(self.kernel.dtype)
+            styles = latents.astype(self.kernel.dtype)
         if not self.use_noise:
             draw = _modulated.no_noise(noise, noise_mode)
         else:
