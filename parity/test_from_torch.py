@@ -148,6 +148,12 @@ def test_timm_cond_conv_takes_routing_weights(assert_close: AssertClose) -> None
     assert_close(jax.jit(layer.apply)(variables, _channels_last(x), routing), expected, "cond_conv linen")
     model = interop.from_torch(module, api="nnx")
     assert_close(model(_channels_last(x), routing), expected, "cond_conv nnx")
+    assert not layer.use_routing  # no routing of its own: forgetting the weights is an error, not a guess
+    assert "routing_kernel" not in variables["params"]
+    with pytest.raises(ValueError, match=r"`routing_weights` \(2, 2\) \(batch, num_experts\) are required"):
+        layer.apply(variables, _channels_last(x))
+    with pytest.raises(ValueError, match="`routing_weights`"):
+        model(_channels_last(x))
 
 
 def test_dynamic_conv_with_its_temperature(assert_close: AssertClose) -> None:

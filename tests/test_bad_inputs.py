@@ -46,7 +46,7 @@ class Mistake:
     what: str  # the mistake, as the test id
     call: Callable[[], object]
     error: type[Exception]
-    argument: str  # the message must name it in backticks; a "key:" prefix means a state-dict key, named as is
+    argument: str  # the message starts with it in backticks; "within:" text must stand anywhere in the message
 
     @property
     def id(self) -> str:
@@ -77,7 +77,7 @@ def _functional_conv_mistakes(entry: str, fn: Callable, kernels_shape: tuple[int
     """The mistakes shared by per_sample_conv and per_sample_conv_transpose (same argument names)."""
     x, k = _x(B, H, W, C), _x(*kernels_shape)
     bad_batch = _x(B + 1, *kernels_shape[1:])
-    add(entry, "rank", "inputs 3-D", lambda: fn(_x(H, W, C), k, **extra), ValueError, "inputs")
+    add(entry, "rank", "inputs 2-D", lambda: fn(_x(W, C), k, **extra), ValueError, "inputs")
     add(entry, "rank", "kernels missing batch", lambda: fn(x, k[0], **extra), ValueError, "kernels")
     add(entry, "shape", "kernels batch", lambda: fn(x, bad_batch, **extra), ValueError, "kernels")
     add(entry, "shape", "bias", lambda: fn(x, k, _x(3, F), **extra), ValueError, "bias")
@@ -373,8 +373,10 @@ def _layer_mistakes(api: str, layer: Layer) -> None:
 
     add(entry, "rank", "1-D inputs", call(_x(B, W, C)), ValueError, "inputs")
     add(entry, "rank", "unbatched inputs", call(_x(H, W, C)), ValueError, "inputs")
-    add(entry, "channels", "5 channels", call(_x(B, H, W, 5)), ValueError, "inputs")
-    add(entry, "channels", "NCHW inputs", call(_x(B, C, H, W)), ValueError, "inputs")
+    # linen's PerSampleConv has no variables: its kernels fix the channels, and they are what mismatches.
+    channels_argument = "kernels" if (api, layer.name) == ("linen", "PerSampleConv") else "inputs"
+    add(entry, "channels", "5 channels", call(_x(B, H, W, 5)), ValueError, channels_argument)
+    add(entry, "channels", "NCHW inputs", call(_x(B, C, H, W)), ValueError, channels_argument)
     add(entry, "dtype", "int inputs", call(_x(B, H, W, C, dtype=np.int32)), TypeError, "inputs")
     add(entry, "non_array", "None inputs", call(None), TypeError, "inputs")
     add(entry, "non_array", "ragged inputs", call(RAGGED), TypeError, "inputs")
@@ -388,6 +390,15 @@ def _layer_mistakes(api: str, layer: Layer) -> None:
         add(entry, "size", "num_branches 0", build(num_branches=0), ValueError, "num_branches")
         add(entry, "option", "gate_input", build(gate_input="max"), ValueError, "gate_input")
         add(entry, "shape", "gate_weights", call(X, gate_weights=_x(B, 4)), ValueError, "gate_weights")
+        add(entry, "non_array", "str gate_weights", call(X, gate_weights="w"), TypeError, "gate_weights")
+        add(
+            entry,
+            "dtype",
+            "int gate_weights",
+            call(X, gate_weights=_x(B, 3, dtype=np.int32)),
+            TypeError,
+            "gate_weights",
+        )
         add(entry, "size", "temperature 0", call(X, temperature=0.0), ValueError, "temperature")
     if layer.name == "PerSampleConv":
         add(entry, "shape", "kernels batch", call(X, _x(B + 1, 3, 3, C, F)), ValueError, "kernels")
@@ -397,10 +408,21 @@ def _layer_mistakes(api: str, layer: Layer) -> None:
         add(entry, "option", "mixing", build(mixing="sum"), ValueError, "mixing")
     if layer.name == "CondConv":
         add(entry, "shape", "routing_weights", call(X, _x(B, 4)), ValueError, "routing_weights")
+        add(entry, "non_array", "ragged routing_weights", call(X, RAGGED), TypeError, "routing_weights")
+        add(
+            entry,
+            "shape",
+            "no routing_weights without use_routing",
+            lambda: apply(layer, X, None, attributes={"use_routing": False}),
+            ValueError,
+            "routing_weights",
+        )
     if layer.name == "DynamicConv":
         add(entry, "size", "ratio 0", build(ratio=0.0), ValueError, "ratio")
         add(entry, "size", "temperature 0", call(X, 0.0), ValueError, "temperature")
         add(entry, "shape", "temperature vector", call(X, _x(2)), ValueError, "temperature")
+        add(entry, "non_array", "str attention_weights", call(X, None, "w"), TypeError, "attention_weights")
+        add(entry, "size", "temperature attribute 0", build(temperature=0.0), ValueError, "temperature")
     if layer.name == "ODConv":
         add(entry, "size", "num_experts 0", build(num_experts=0), ValueError, "num_experts")
         add(entry, "size", "reduction 0", build(reduction=0.0), ValueError, "reduction")
@@ -526,16 +548,23 @@ def _interop_mistakes() -> None:
             "weight 1-D",
             lambda load=load: load(_state_dict(weight=weight.ravel())),
             ValueError,
-            "key:weight",
+            "within:weight",
         )
-        add(entry, "shape", "weight", lambda load=load: load(_state_dict(weight=weight[:1])), ValueError, "key:weight")
+        add(
+            entry,
+            "shape",
+            "weight",
+            lambda load=load: load(_state_dict(weight=weight[:1])),
+            ValueError,
+            "within:weight",
+        )
         add(
             entry,
             "dtype",
             "int weight",
             lambda load=load: load(_state_dict(weight=weight.astype(np.int32))),
             ValueError,
-            "key:weight",
+            "within:weight",
         )
         add(
             entry,
@@ -543,10 +572,12 @@ def _interop_mistakes() -> None:
             "NaN weight",
             lambda load=load: load(_state_dict(weight=weight * np.nan)),
             ValueError,
-            "key:weight",
+            "within:weight",
         )
         add(entry, "non_array", "None", lambda load=load: load(None), TypeError, "state_dict")
-        add(entry, "non_array", "str value", lambda load=load: load(_state_dict(weight="w")), TypeError, "key:weight")
+        add(
+            entry, "non_array", "str value", lambda load=load: load(_state_dict(weight="w")), TypeError, "within:weight"
+        )
         add(
             entry,
             "option",
@@ -565,7 +596,7 @@ def _interop_mistakes() -> None:
         "weights for 5 channels",
         lambda: interop.torch_to_nnx(_cond_nnx(), wide),
         ValueError,
-        "key:weight",
+        "within:weight",
     )
     NOT_APPLICABLE[("interop.torch_to_linen", "channels")] = "a linen module takes its shapes from the state dict"
 
@@ -580,7 +611,7 @@ def _interop_mistakes() -> None:
             _cond_linen(), {"params": {**params["params"], "kernel": np.ones((2, 3, 3, C, F + 1), np.float32)}}
         ),
         ValueError,
-        "key:params/kernel",
+        "within:params/kernel",
     )
     add(
         lt,
@@ -590,7 +621,7 @@ def _interop_mistakes() -> None:
             _cond_linen(), {"params": {**params["params"], "kernel": np.ones((2, 3), np.float32)}}
         ),
         ValueError,
-        "key:params/kernel",
+        "within:params/kernel",
     )
     add(
         lt,
@@ -600,7 +631,7 @@ def _interop_mistakes() -> None:
             _cond_linen(), {"params": {**params["params"], "kernel": np.ones((2, 3, 3, C, F), np.int32)}}
         ),
         ValueError,
-        "key:params/kernel",
+        "within:params/kernel",
     )
     add(lt, "option", "unregistered module", lambda: interop.linen_to_torch(nn.Dense(2), params), TypeError, "module")
     for category, reason in (
@@ -625,7 +656,8 @@ def _interop_mistakes() -> None:
 
     ls = "interop.load_state_dict"
     add(ls, "non_array", "None path", lambda: interop.load_state_dict(None), TypeError, "path")
-    add(ls, "option", "suffix", lambda: interop.load_state_dict("weights.npz"), ValueError, "path")
+    # A LoadError: "Cannot load '<file>': `path` must end in ..."
+    add(ls, "option", "suffix", lambda: interop.load_state_dict("weights.npz"), ValueError, "within:`path` must")
     for category in ("rank", "shape", "channels", "dtype", "size", "empty_batch"):
         NOT_APPLICABLE[(ls, category)] = "reads a file; its contents' errors: tests/test_interop_loading.py"
 
@@ -670,7 +702,7 @@ def _interop_mistakes() -> None:
             _cond_nnx(), {**params["params"], "kernel": np.ones((2, 3, 3, C, F + 1), np.float32)}
         ),
         ValueError,
-        "key:kernel",
+        "within:kernel",
     )
     un = "interop.under"
     add(un, "non_array", "rules None", lambda: interop.under("layer1", "conv", None), TypeError, "rules")
@@ -813,29 +845,37 @@ def _interop_mistakes() -> None:
         ValueError,
         "features",
     )
+    # Written out per entry point: each category these take no value of, and why.
+    not_applicable = {
+        "rules_for": ("rank", "shape", "channels", "dtype", "size", "empty_batch"),
+        "torch_names": ("rank", "channels", "dtype", "option", "size", "empty_batch"),
+        "under": ("rank", "shape", "channels", "dtype", "size", "empty_batch"),
+        "flax_from_torch": ("rank", "shape", "channels", "dtype", "option", "size", "empty_batch"),
+        "torch_from_flax": ("rank", "shape", "channels", "dtype", "option", "size", "empty_batch"),
+        "register": ("rank", "shape", "channels", "dtype", "size", "empty_batch"),
+        "register_torch_layer": ("rank", "shape", "channels", "dtype", "size", "empty_batch"),
+        "conv_layout": ("rank", "shape", "channels", "dtype", "option", "empty_batch"),
+    }
     for name in (
-        "rules_for",
-        "torch_names",
-        "under",
-        "flax_from_torch",
-        "torch_from_flax",
-        "register",
-        "register_torch_layer",
-        "conv_layout",
         "conv_rules",
         "linear_rules",
         "batchnorm_rules",
         "branch_mix_rules",
         "cond_conv_rules",
         "dynamic_conv_rules",
-        "od_conv_rules",
         "modulated_conv_rules",
     ):
-        for category in CATEGORIES:
-            if not any(m.entry == f"interop.{name}" and m.category == category for m in MISTAKES):
-                NOT_APPLICABLE.setdefault(
-                    (f"interop.{name}", category), "builds or moves rules: no tensor, batch or option of that kind"
-                )
+        not_applicable[name] = ("rank", "shape", "channels", "dtype", "non_array", "option", "empty_batch")
+    not_applicable["od_conv_rules"] = ("rank", "shape", "channels", "dtype", "non_array", "size", "empty_batch")
+    reasons = {
+        "flax_from_torch": "the converters go through it: their state-dict rows above are its",
+        "torch_from_flax": "the converters go through it: their variables rows above are its",
+    }
+    for name, categories in not_applicable.items():
+        for category in categories:
+            NOT_APPLICABLE[(f"interop.{name}", category)] = reasons.get(
+                name, "takes sizes, names, modules or rules: no array, batch or option of that kind"
+            )
 
 
 _interop_mistakes()
@@ -874,8 +914,12 @@ def test_mistake_raises_an_error_naming_the_argument(item: Mistake) -> None:
     with pytest.raises(item.error) as info:
         item.call()
     message = str(info.value)
-    name = item.argument.removeprefix("key:") if item.argument.startswith("key:") else f"`{item.argument}`"
-    assert name in message, f"the message does not name {name}: {message!r}"
+    if item.argument.startswith("within:"):  # a state-dict key, listed in the message with the others
+        key = item.argument.removeprefix("within:")
+        assert key in message, f"the message does not name {key}: {message!r}"
+    else:  # the message is about the argument: it starts with its name
+        name = f"`{item.argument}`"
+        assert message.startswith(name), f"the message does not start with {name}: {message!r}"
 
 
 @pytest.mark.parametrize("entry", sorted(EMPTY_BATCH))

@@ -41,8 +41,10 @@ def test_rules_for_a_linen_layer_from_variables_or_a_state_dict() -> None:
     from_variables = interop.rules_for(block, variables)
     from_state_dict = interop.rules_for(block, state_dict=interop.linen_to_torch(block, variables))
     assert from_variables == from_state_dict
-    with pytest.raises(TypeError, match="exactly one of `variables` and `state_dict`"):
+    with pytest.raises(TypeError, match=r"`variables` \(or `state_dict`\) is required for a linen module"):
         interop.rules_for(block)
+    with pytest.raises(TypeError, match="`state_dict` must not be given with `variables`"):
+        interop.rules_for(block, variables, state_dict={})
 
 
 def test_rules_for_an_nnx_model_needs_no_shapes() -> None:

@@ -244,9 +244,22 @@ def test_dynamic_conv_temperature_attribute_is_the_call_default() -> None:
     variables = module.init(jax.random.key(0), x)
     np.testing.assert_array_equal(module.apply(variables, x), module.apply(variables, x, 4.0))
     assert not np.array_equal(module.apply(variables, x), module.apply(variables, x, 1.0))
+    # The attribute came last, so positional construction keeps its meaning (the fifth is strides).
+    assert jl.DynamicConv(4, 3, 2, 0.25, 2).strides == 2
     model = jn.DynamicConv(3, 4, (3, 3), 2, temperature=4.0, rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(model(x), model(x, 4.0))
     with pytest.raises(ValueError, match=r"`temperature` must be a positive finite scalar, got 0\.0"):
         jl.DynamicConv(4, 3, 2, temperature=0.0)
     with pytest.raises(ValueError, match=r"`temperature` must be a positive finite scalar, got -2\.0"):
         jn.DynamicConv(3, 4, (3, 3), 2, temperature=-2.0, rngs=nnx.Rngs(0))
+
+
+def test_scalar_attributes_may_be_numpy_or_jax_scalars_and_schedules_traced() -> None:
+    # Attributes given as 0-d arrays (a config read with NumPy or JAX) are numbers like any other.
+    assert jl.DynamicConv(4, 3, 2, ratio=jnp.float32(0.5)).ratio == 0.5
+    assert jl.BranchMixConv(4, 3, 2, momentum=np.float32(0.9)).momentum == np.float32(0.9)
+    # A schedule swept over its start under jit: traced values are the caller's to keep positive.
+    swept = jax.jit(lambda start: jdc.temperature_schedule(5, start=start, anneal_steps=10))(jnp.float32(31.0))
+    np.testing.assert_allclose(swept, 16.0, rtol=1e-6)
+    with pytest.raises(TypeError, match="`start` must be a finite number > 0"):
+        jdc.temperature_schedule(5, start="30", anneal_steps=10)

@@ -283,8 +283,8 @@ def test_temperature_is_traced_defaults_to_the_attribute_and_follows_the_origina
     ("attributes", "fragment"),
     [
         ({"num_experts": 0}, "`num_experts` must be a positive int, got 0"),
-        ({"reduction": 0.0}, "`reduction` must be a positive finite number, got 0.0"),
-        ({"reduction": -0.5}, "`reduction` must be a positive finite number, got -0.5"),
+        ({"reduction": 0.0}, "`reduction` must be a finite number > 0, got 0.0"),
+        ({"reduction": -0.5}, "`reduction` must be a finite number > 0, got -0.5"),
         ({"min_channels": 0}, "`min_channels` must be a positive int, got 0"),
         ({"features": 5, "feature_group_count": 3}, "`features` (=5) must be divisible by `feature_group_count` (=3)"),
         ({"feature_group_count": 2}, "`inputs` channels (=3) must be divisible by `feature_group_count` (=2)"),
@@ -325,7 +325,7 @@ def test_nnx_constructor_and_call_errors() -> None:
         ValueError, match=r"`in_features` must be a positive int divisible by `feature_group_count` \(=2\)"
     ):
         jn.ODConv(3, 4, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="`reduction` must be a positive finite number, got nan"):
+    with pytest.raises(ValueError, match="`reduction` must be a finite number > 0, got nan"):
         jn.ODConv(3, 4, (3, 3), reduction=float("nan"), rngs=nnx.Rngs(0))
     model = nnx.eval_shape(lambda: jn.ODConv(3, 4, (3, 3), 2, rngs=nnx.Rngs(0)))  # checks before any compute
     with pytest.raises(ValueError, match=r"`inputs` must have rank 4 \(B, \*spatial, C_in\) with 2 spatial dims"):

@@ -260,13 +260,6 @@ def branch_mix_rematerialised(
     return lax.scan(add_branch, total, branches)
 
 
-def check_gate_weights(gate_weights: Any, batch: int, k: int) -> None:
-    """Caller-supplied mixing weights must be ``(B, k)``."""
-    shape = tuple(getattr(gate_weights, "shape", ()))
-    if shape != (batch, k):
-        raise ValueError(f"`gate_weights` must have shape ({batch}, {k}) (batch, num_branches), got shape {shape}.")
-
-
 def check_config(
     features: int,
     num_branches: int,
@@ -399,7 +392,9 @@ def apply_block(
         logits = jnp.matmul(gate_in, gate_kernel, precision=config.precision) + gate_bias[None, :]
         gate_weights = _gates.gate_activation(logits, config.gate_activation, temperature)
     else:
-        check_gate_weights(gate_weights, inputs.shape[0], config.num_branches)
+        gate_weights = _checks.mixing_weights(
+            "gate_weights", gate_weights, inputs.shape[0], config.num_branches, "num_branches"
+        )
     # An empty batch has no statistics to normalise by or learn from: its (empty) output is the running
     # statistics' and they stay as they were, as PyTorch's BatchNorm does for a batch of size 0.
     training = training and inputs.shape[0] > 0

@@ -145,6 +145,15 @@ def as_array(name: str, value: Any) -> jax.Array:
     return array
 
 
+def mixing_weights(name: str, weights: Any, batch: int, k: int, axis: str) -> jax.Array:
+    """Caller-supplied mixing weights (routing, attention or gate weights): a float ``(B, k)`` array."""
+    weights = as_array(name, weights)
+    check_float_dtype(name, weights)
+    if tuple(weights.shape) != (batch, k):
+        raise ValueError(f"`{name}` must have shape ({batch}, {k}) (batch, {axis}), got shape {tuple(weights.shape)}.")
+    return weights
+
+
 def check_float_dtype(name: str, array: object) -> None:
     """Raises TypeError unless ``array`` has a floating-point dtype."""
     dtype = array.dtype if hasattr(array, "dtype") else np.asarray(array).dtype
@@ -197,18 +206,29 @@ def check_layer_inputs(
 
 
 def check_positive_number(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    """A Python or NumPy real number, finite and > 0 (>= 0 with ``allow_zero``): attributes such as ``ratio``."""
+    """A real scalar (a Python or NumPy number, a 0-d array), finite and > 0 (>= 0 with ``allow_zero``): attributes
+    such as ``ratio``. A traced value's dtype and shape are checked, its value cannot be."""
     bound = ">= 0" if allow_zero else "> 0"
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+    dtype = getattr(value, "dtype", None)
+    if isinstance(value, bool | np.bool_ | str) or value is None or np.ndim(value) != 0:
         raise TypeError(f"`{name}` must be a finite number {bound}, got {value!r}.")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+    if dtype is not None and not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"`{name}` must be a finite number {bound}, got dtype {dtype}.")
+    if dtype is None and not isinstance(value, int | float):
+        raise TypeError(f"`{name}` must be a finite number {bound}, got {value!r}.")
+    if isinstance(value, jax.core.Tracer):
+        return
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
         raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}.")
 
 
 def check_spatial_ints(name: str, value: Any) -> None:
     """An int >= 1 or a sequence of 1 to 3 of them (an attribute whose length the inputs' rank checks later)."""
     rank = 1 if is_int(value) else len(value) if isinstance(value, Sequence) and not isinstance(value, str) else 0
-    if not 1 <= rank <= 3:
+    if rank == 0:  # the type canonicalize_ints refuses at the call: the same TypeError, at construction
+        raise TypeError(f"`{name}` must be an int or a sequence of 1 to 3 ints, got {value!r}.")
+    if rank > 3:
         raise ValueError(f"`{name}` must be an int or a sequence of 1 to 3 ints, got {value!r}.")
     canonicalize_ints(value, rank, name)
 

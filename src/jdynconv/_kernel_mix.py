@@ -130,12 +130,6 @@ def mixed_conv(
     return out
 
 
-def check_routing(routing: Any, batch: int, k: int, name: str) -> None:
-    shape = tuple(getattr(routing, "shape", ()))
-    if shape != (batch, k):
-        raise ValueError(f"`{name}` must have shape ({batch}, {k}) (batch, num_experts), got shape {shape}.")
-
-
 def check_mixing(mixing: str, method: str) -> None:
     """Both are checked up front: ``method`` is used only on the ``mix_kernels`` path."""
     if mixing not in MIXINGS:
@@ -183,16 +177,18 @@ def temperature_schedule(
 
     Args:
       step: the training step, a scalar (int or float; may be traced).
-      start, end: the temperatures at step 0 and from ``anneal_steps`` on; positive, finite (every temperature
-        in between is then positive too, which the layers need).
+      start: the temperature at step 0; positive and finite, so that every temperature of the schedule is (the
+        layers need that). Checked when concrete; a traced one is the caller's to keep positive.
+      end: the temperature from ``anneal_steps`` on; as ``start``.
       anneal_steps: the steps from ``start`` to ``end``, >= 1.
 
     Returns:
       A float32 scalar.
     """
-    if not _checks.is_int(anneal_steps) or anneal_steps < 1:
-        raise ValueError(f"`anneal_steps` must be an int >= 1, got {anneal_steps!r}.")
-    for name, value in (("start", start), ("end", end)):
+    _checks.check_positive_number("anneal_steps", anneal_steps)
+    if not isinstance(anneal_steps, jax.core.Tracer) and anneal_steps < 1:
+        raise ValueError(f"`anneal_steps` must be >= 1, got {anneal_steps!r}.")
+    for name, value in (("start", start), ("end", end)):  # may be traced (a schedule swept under vmap)
         if np.ndim(value) != 0:
             raise ValueError(f"`{name}` must be a positive finite scalar, got shape {np.shape(value)}.")
         _checks.check_positive_number(name, value)
@@ -243,20 +239,27 @@ def cond_conv(
     config: LayerConfig,
     inputs: jax.Array,
     routing_weights: jax.Array | None,
-    routing_kernel: jax.Array,
-    routing_bias: jax.Array,
+    routing_kernel: jax.Array | None,
+    routing_bias: jax.Array | None,
     bank: jax.Array,
     bias_bank: jax.Array | None,
 ) -> jax.Array:
-    """CondConv: sigmoid routing from the pooled input (or the given weights), then mixed conv."""
+    """CondConv: sigmoid routing from the pooled input (or the given weights), then mixed conv. Without a routing
+    Dense (``routing_kernel`` None) the weights must be given."""
+    if routing_weights is None and routing_kernel is None:
+        raise ValueError(
+            f"`routing_weights` ({inputs.shape[0]}, {bank.shape[0]}) (batch, num_experts) are required: this CondConv "
+            "has no routing of its own (`use_routing=False`, as timm's CondConv2d)."
+        )
     if routing_weights is None:
         pooled, routing_kernel, routing_bias = promote_dtype(
             (_gates.spatial_mean(inputs), routing_kernel, routing_bias), dtype=config.dtype
         )
         routing = jax.nn.sigmoid(_dense(pooled, routing_kernel, routing_bias, config.precision))
     else:
-        check_routing(routing_weights, inputs.shape[0], bank.shape[0], "routing_weights")
-        routing = routing_weights
+        routing = _checks.mixing_weights(
+            "routing_weights", routing_weights, inputs.shape[0], bank.shape[0], "num_experts"
+        )
     inputs, routing, bank, bias_bank = promote_dtype((inputs, routing, bank, bias_bank), dtype=config.dtype)
     return mixed_conv(inputs, routing, bank, bias_bank, config.conv, config.mixing)
 
@@ -282,8 +285,9 @@ def dynamic_conv(
         logits = _dense(hidden, attention_kernel, attention_bias, config.precision)
         attention = jax.nn.softmax(logits / jnp.asarray(temperature, logits.dtype), axis=-1)
     else:
-        check_routing(attention_weights, inputs.shape[0], bank.shape[0], "attention_weights")
-        attention = attention_weights
+        attention = _checks.mixing_weights(
+            "attention_weights", attention_weights, inputs.shape[0], bank.shape[0], "num_experts"
+        )
     inputs, attention, bank, bias_bank = promote_dtype((inputs, attention, bank, bias_bank), dtype=config.dtype)
     return mixed_conv(inputs, attention, bank, bias_bank, config.conv, config.mixing)
 

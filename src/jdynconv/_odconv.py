@@ -213,8 +213,7 @@ def check_config(
         if not _checks.is_int(value) or value < 1:
             raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
     _checks.check_batch_norm_attributes(momentum, epsilon)
-    if isinstance(reduction, bool) or not isinstance(reduction, int | float) or not 0 < reduction < math.inf:
-        raise ValueError(f"`reduction` must be a positive finite number, got {reduction!r}.")
+    _checks.check_positive_number("reduction", reduction)
     _checks.check_temperature(temperature)
     if attention_placement not in PLACEMENTS:
         raise ValueError(f"`attention_placement` must be one of {PLACEMENTS}, got {attention_placement!r}.")

@@ -294,7 +294,7 @@ class CondConv(nn.Module):
     n] * bias[n]``. N-d (1-D/2-D/3-D) from the input's rank.
 
     Variables (``params``): ``kernel (k, *kernel_size, C_in // G, features)``, ``bias (k, features)``
-    (if ``use_bias``), ``routing_kernel (C_in, k)``, ``routing_bias (k,)``.
+    (if ``use_bias``), ``routing_kernel (C_in, k)``, ``routing_bias (k,)`` (if ``use_routing``).
 
     Attributes:
       features: output channels.
@@ -317,6 +317,8 @@ class CondConv(nn.Module):
       bias_init: each expert bias's initialiser.
       routing_kernel_init: the routing Dense's kernel initialiser.
       routing_bias_init: the routing Dense's bias initialiser.
+      use_routing: whether the layer has its routing Dense; without it (timm's ``CondConv2d`` alone) every call
+        passes ``routing_weights``.
     """
 
     features: int
@@ -336,6 +338,7 @@ class CondConv(nn.Module):
     bias_init: Initializer = zeros
     routing_kernel_init: Initializer = default_kernel_init
     routing_bias_init: Initializer = zeros
+    use_routing: bool = True  # the newest attribute, last: the earlier ones keep their positions
 
     def __post_init__(self) -> None:
         _layer_config(self, self.num_experts)  # at construction: every attribute error names the attribute
@@ -348,15 +351,17 @@ class CondConv(nn.Module):
         Args:
           inputs: ``(B, *spatial, C_in)``, 1 to 3 spatial dims.
           routing_weights: ``(B, k)`` mixing weights to use instead of the routing Dense's (as timm's
-            ``CondConv2d`` takes them).
+            ``CondConv2d`` takes them); required without ``use_routing``.
 
         Returns:
           ``(B, *out_spatial, features)``.
         """
         inputs, bank, bias_bank = _expert_bank(self, inputs)
         k, in_channels = self.num_experts, inputs.shape[-1]
-        routing_kernel = self.param("routing_kernel", self.routing_kernel_init, (in_channels, k), self.param_dtype)
-        routing_bias = self.param("routing_bias", self.routing_bias_init, (k,), self.param_dtype)
+        routing_kernel = routing_bias = None
+        if self.use_routing:
+            routing_kernel = self.param("routing_kernel", self.routing_kernel_init, (in_channels, k), self.param_dtype)
+            routing_bias = self.param("routing_bias", self.routing_bias_init, (k,), self.param_dtype)
         config = _layer_config(self, k)
         return _kernel_mix.cond_conv(config, inputs, routing_weights, routing_kernel, routing_bias, bank, bias_bank)
 
@@ -401,7 +406,6 @@ class DynamicConv(nn.Module):
     kernel_size: int | Sequence[int]
     num_experts: int
     ratio: float = 0.25
-    temperature: float = 1.0
     strides: _checks.IntOrSequence = 1
     padding: _checks.PaddingLike = "SAME"
     kernel_dilation: _checks.IntOrSequence = 1
@@ -416,6 +420,7 @@ class DynamicConv(nn.Module):
     bias_init: Initializer = zeros
     attention_kernel_init: Initializer = default_kernel_init
     attention_bias_init: Initializer = zeros
+    temperature: float = 1.0  # the newest attribute, last: the earlier ones keep their positions
 
     def __post_init__(self) -> None:
         _layer_config(self, self.num_experts)  # at construction: every attribute error names the attribute

@@ -388,6 +388,7 @@ class CondConv(_ExpertBank):
         bias_init: Initializer = zeros,
         routing_kernel_init: Initializer = default_kernel_init,
         routing_bias_init: Initializer = zeros,
+        use_routing: bool = True,
         rngs: nnx.Rngs,
     ) -> None:
         config = _nnx_layer_config(
@@ -405,8 +406,14 @@ class CondConv(_ExpertBank):
             method=method,
         )
         self._init_bank(config, in_features, use_bias, kernel_init, bias_init, param_dtype, rngs)
-        self.routing_kernel = nnx.Param(routing_kernel_init(rngs.params(), (in_features, num_experts), param_dtype))
-        self.routing_bias = nnx.Param(routing_bias_init(rngs.params(), (num_experts,), param_dtype))
+        self.use_routing = use_routing
+        routing_shape = (in_features, num_experts)
+        self.routing_kernel = (
+            nnx.Param(routing_kernel_init(rngs.params(), routing_shape, param_dtype)) if use_routing else None
+        )
+        self.routing_bias = (
+            nnx.Param(routing_bias_init(rngs.params(), (num_experts,), param_dtype)) if use_routing else None
+        )
 
     def __call__(self, inputs: jax.Array, routing_weights: jax.Array | None = None) -> jax.Array:
         """Applies the layer: ``(B, *spatial, C_in) -> (B, *out_spatial, features)``.
@@ -417,8 +424,8 @@ class CondConv(_ExpertBank):
             self.config,
             self._checked(inputs),
             routing_weights,
-            self.routing_kernel[...],
-            self.routing_bias[...],
+            None if self.routing_kernel is None else self.routing_kernel[...],
+            None if self.routing_bias is None else self.routing_bias[...],
             self.kernel[...],
             self._bias_value(),
         )

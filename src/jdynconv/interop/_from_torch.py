@@ -101,6 +101,7 @@ def from_torch(
     *,
     api: Literal["linen", "nnx"] = "linen",
     rngs: nnx.Rngs | None = None,
+    allow_non_finite: bool = False,
     **attributes: Any,
 ) -> Any:
     """The jdynconv layer that computes what the PyTorch ``module`` computes, with the module's weights.
@@ -121,6 +122,7 @@ def from_torch(
       api: ``"linen"`` or ``"nnx"``.
       rngs: NNX only: the model's random streams (``ModulatedConv``'s noise draws from ``rngs.noise``); default
         ``nnx.Rngs(0)``.
+      allow_non_finite: port weights with NaN or Inf entries (refused by default, naming the key).
       **attributes: further layer attributes the torch module does not determine (``dtype``, ``param_dtype``,
         ``precision``, ``method``, ``mixing``, ``ModulatedConv``'s ``data_format``, ...). Attributes read from
         the module cannot be overridden.
@@ -148,9 +150,7 @@ def from_torch(
         )
     if api == "linen":
         layer = port.linen_type(**port.attributes, **attributes)
-        return layer, torch_to_linen(layer, port.state_dict)
-    if api != "nnx":
-        raise ValueError(f'`api` must be "linen" or "nnx", got {api!r}.')
+        return layer, torch_to_linen(layer, port.state_dict, allow_non_finite=allow_non_finite)
 
     def build() -> nnx.Module:
         streams = rngs if rngs is not None else nnx.Rngs(0)
@@ -158,9 +158,9 @@ def from_torch(
 
     # Abstract first: the random initialisation the loaded weights replace is skipped. A model that keeps
     # state no weight fills (ModulatedConv's noise stream) is built for real.
-    model = torch_to_nnx(nnx.eval_shape(build), port.state_dict)
+    model = torch_to_nnx(nnx.eval_shape(build), port.state_dict, allow_non_finite=allow_non_finite)
     if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(model))):
-        model = torch_to_nnx(build(), port.state_dict)
+        model = torch_to_nnx(build(), port.state_dict, allow_non_finite=allow_non_finite)
     return model
 
 

@@ -30,15 +30,18 @@ _SAVE_STATE_DICT = "save `model.state_dict()` instead (torch.save(model.state_di
 class LoadError(ValueError):
     """A weight file that cannot be read as a state dict; the message names the file and what is wrong.
 
-    A ValueError, so ``except ValueError`` keeps working. The error from torch or safetensors, if any, is
-    chained as ``__cause__``.
+    A ValueError, so ``except ValueError`` keeps working. The error from torch or safetensors, if any, is kept
+    as ``original`` but not chained: torch's text for a refused pickle advises ``weights_only=False``, the unsafe
+    bypass, and a chained cause is printed in every traceback.
 
     Attributes:
       path: the file.
+      original: the error torch or safetensors raised, or None.
     """
 
-    def __init__(self, path: Path, problem: str) -> None:
+    def __init__(self, path: Path, problem: str, original: BaseException | None = None) -> None:
         self.path = path
+        self.original = original
         super().__init__(f"Cannot load {str(path)!r}: {problem}")
 
 
@@ -74,6 +77,7 @@ def _refused_pickle(path: Path, error: pickle.UnpicklingError) -> LoadError:
             path,
             f"the file holds a pickled torch.nn.Module or other Python object ({found.group(1)}), which jdynconv "
             f"does not unpickle (unpickling can run code from the file); {_SAVE_STATE_DICT}.",
+            error,
         )
     detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
     cause = f" ({detail.group(1).strip()[:100]})" if detail and "weights_only" not in detail.group(1) else ""
@@ -81,6 +85,7 @@ def _refused_pickle(path: Path, error: pickle.UnpicklingError) -> LoadError:
         path,
         "it is not a readable PyTorch file: corrupt, not written by torch.save, or a pickle of Python objects "
         f"other than tensors, which jdynconv does not unpickle{cause}; {_SAVE_STATE_DICT}.",
+        error,
     )
 
 
@@ -99,7 +104,7 @@ def _read_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise _refused_pickle(path, error) from error
+        raise _refused_pickle(path, error) from None
     except MemoryError:
         raise
     except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, ... for damaged files
@@ -107,7 +112,8 @@ def _read_torch(path: Path) -> Any:
             path,
             "it is not a readable PyTorch file: truncated, corrupt, or not written by torch.save "
             f"({_short_cause(error)}).",
-        ) from error
+            error,
+        ) from None
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:

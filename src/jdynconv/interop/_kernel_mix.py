@@ -130,6 +130,7 @@ def cond_conv_rules(
     use_bias: bool,
     torch_prefix: str = "",
     routing_prefix: str | None = None,
+    use_routing: bool = True,
 ) -> list[Rule]:
     """The rules of one CondConv whose PyTorch twin is timm's ``CondConv2d`` plus ``routing_fn``.
 
@@ -143,10 +144,12 @@ def cond_conv_rules(
       torch_prefix: the PyTorch module's path in a bigger model, e.g. ``"block1."``.
       routing_prefix: the routing ``nn.Linear``'s path, ``f"{torch_prefix}routing_fn"`` by default (in
         timm's ``CondConvResidual`` one ``routing_fn`` next to the ``CondConv2d`` layers routes them all).
+      use_routing: the module's ``use_routing``; without it there is no ``routing_fn`` (timm's ``CondConv2d``
+        alone).
 
     Returns:
-      Rules for ``weight (k, F * C_in // G * prod(K))``, ``bias (k, F)``, ``routing_fn.weight (k, C_in)``
-      and ``routing_fn.bias (k,)``.
+      Rules for ``weight (k, F * C_in // G * prod(K))``, ``bias (k, F)``, and with ``use_routing``
+      ``routing_fn.weight (k, C_in)`` and ``routing_fn.bias (k,)``.
     """
     check_sizes(
         num_experts=num_experts,
@@ -161,6 +164,8 @@ def cond_conv_rules(
     rules = [Rule(f"{torch_prefix}weight", torch_shape, Target(("params", "kernel")), layout)]
     if use_bias:
         rules.append(Rule(f"{torch_prefix}bias", (num_experts, features), Target(("params", "bias")), BANK_LAYOUT))
+    if not use_routing:
+        return rules
     routing = f"{torch_prefix}routing_fn" if routing_prefix is None else routing_prefix
     return rules + linear_rules(
         routing,
@@ -271,6 +276,7 @@ def _linen_cond_conv_rules(
         in_features_per_group=per_group,
         kernel_size=_kernel_size(module, rank),
         use_bias=module.use_bias,
+        use_routing=module.use_routing,
     )
 
 
@@ -362,6 +368,7 @@ def _nnx_cond_conv_rules(model: jdc_nnx.CondConv, shapes: FlaxShapes) -> list[Ru
         in_features_per_group=model.in_features // config.feature_group_count,
         kernel_size=tuple(config.kernel_size),
         use_bias=("params", "bias") in shapes,
+        use_routing=model.use_routing,
     )
 
 
@@ -394,8 +401,8 @@ def _cond_conv_port(module: TorchModule) -> TorchPort:
     that needs run-time padding (``dynamic_padding``) is TensorFlow's SAME, which is JAX's ``"SAME"``. The routing
     is ``routing_fn`` (an ``nn.Linear(C_in, k)``, as timm's ``CondConvResidual``) when the module has one:
     CondConv then computes ``sigmoid(routing_fn(mean of x))``, as timm's block. ``CondConv2d`` alone takes its
-    routing weights as a call argument; the port then has zero routing weights, and must be called with
-    ``routing_weights`` ``(B, k)``, as the PyTorch layer is.
+    routing weights as a call argument; the port then has no routing (``use_routing=False``) and must be
+    called with ``routing_weights`` ``(B, k)``, as the PyTorch layer is.
     """
     require(
         module,
@@ -418,9 +425,6 @@ def _cond_conv_port(module: TorchModule) -> TorchPort:
     padding: Any = "SAME" if dynamic else torch_padding(module.padding, kernel_size, dilation)
     state_dict = state_dict_of(module)
     k, in_channels = int(module.num_experts), int(module.in_channels)
-    if getattr(module, "routing_fn", None) is None:
-        state_dict["routing_fn.weight"] = np.zeros((k, in_channels), np.float32)
-        state_dict["routing_fn.bias"] = np.zeros((k,), np.float32)
     attributes = {
         "features": int(module.out_channels),
         "kernel_size": kernel_size,
@@ -430,6 +434,8 @@ def _cond_conv_port(module: TorchModule) -> TorchPort:
         "kernel_dilation": dilation,
         "feature_group_count": int(module.groups),
         "use_bias": module.bias is not None,
+        # timm's CondConv2d alone takes its routing weights per call; with a routing_fn, CondConv routes itself.
+        "use_routing": getattr(module, "routing_fn", None) is not None,
     }
     return TorchPort(jdc_linen.CondConv, jdc_nnx.CondConv, attributes, {"in_features": in_channels}, state_dict)
 

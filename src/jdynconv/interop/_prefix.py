@@ -81,8 +81,10 @@ def rules_for(
         shapes = {key: tuple(variable.shape) for key, variable in _nnx_variables(module).items()}
         return converter.flax_rules(module, shapes)
     converter = _converter(module, _LINEN, "linen", "an NNX model")
-    if (variables is None) == (state_dict is None):
-        raise TypeError("rules_for(linen module) needs exactly one of `variables` and `state_dict`.")
+    if variables is not None and state_dict is not None:
+        raise TypeError("`state_dict` must not be given with `variables`: a linen module's rules need one of them.")
+    if variables is None and state_dict is None:
+        raise TypeError("`variables` (or `state_dict`) is required for a linen module, which has no shapes of its own.")
     if variables is not None:
         return converter.flax_rules(module, tree_shapes(variables))
     assert converter.torch_rules is not None  # register() guarantees it for linen modules
