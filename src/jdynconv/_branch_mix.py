@@ -286,8 +286,7 @@ def check_config(
         kernel_dilation=kernel_dilation,
         feature_group_count=feature_group_count,
     )
-    if not _checks.is_int(num_branches) or num_branches < 1:
-        raise ValueError(f"`num_branches` must be a positive int, got {num_branches!r}.")
+    _checks.check_positive_int("num_branches", num_branches)
     _checks.check_batch_norm_attributes(momentum, epsilon)
     if gate_input not in _gates.GATE_INPUTS:
         raise ValueError(f"`gate_input` must be one of {_gates.GATE_INPUTS}, got {gate_input!r}.")

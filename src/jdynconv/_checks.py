@@ -205,6 +205,12 @@ def check_layer_inputs(
         )
 
 
+def check_positive_int(name: str, value: Any) -> None:
+    """An int (Python or NumPy, not bool) >= 1: counts and sizes such as ``features`` or ``num_experts``."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+
 def check_positive_number(name: str, value: Any, *, allow_zero: bool = False) -> None:
     """A real scalar (a Python or NumPy number, a 0-d array), finite and > 0 (>= 0 with ``allow_zero``): attributes
     such as ``ratio``. A traced value's dtype and shape are checked, its value cannot be."""
@@ -245,9 +251,8 @@ def check_conv_attributes(
     """A layer's conv attributes, at construction, before the inputs fix the number of spatial dims: every form
     that could be valid for some rank passes; :func:`canonicalize_ints` and :func:`canonicalize_padding` check the
     rest at the call."""
-    for name, value in (("features", features), ("feature_group_count", feature_group_count)):
-        if not is_int(value) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    check_positive_int("features", features)
+    check_positive_int("feature_group_count", feature_group_count)
     if features % feature_group_count:
         raise ValueError(
             f"`features` (={features}) must be divisible by `feature_group_count` (={feature_group_count})."

@@ -161,8 +161,8 @@ def check_layer(
         feature_group_count=feature_group_count,
     )
     _checks.check_spatial_ints("input_dilation", input_dilation)
-    if num_experts is not None and (not _checks.is_int(num_experts) or num_experts < 1):
-        raise ValueError(f"`num_experts` must be a positive int, got {num_experts!r}.")
+    if num_experts is not None:
+        _checks.check_positive_int("num_experts", num_experts)
     if ratio is not None:
         _checks.check_positive_number("ratio", ratio)
 

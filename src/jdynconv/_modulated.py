@@ -176,9 +176,8 @@ def modulated_conv(
 
 
 def check_resampling(up: Any, down: Any) -> None:
-    for name, factor in (("up", up), ("down", down)):
-        if not _checks.is_int(factor) or factor < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {factor!r}.")
+    _checks.check_positive_int("up", up)
+    _checks.check_positive_int("down", down)
     if up > 1 and down > 1:
         raise ValueError(f"`up` and `down` cannot both exceed 1 (got up={up}, down={down}); resample in two layers.")
 
@@ -413,8 +412,7 @@ class LayerConfig:
     ) -> LayerConfig:
         """Validated, with NVIDIA's defaults: ``padding`` ``kernel_size // 2``, ``flip_weight`` ``up == 1``,
         the activation's gain (``sqrt(2)`` for lrelu). Every error names the attribute."""
-        if not _checks.is_int(features) or features < 1:
-            raise ValueError(f"`features` must be a positive int, got {features!r}.")
+        _checks.check_positive_int("features", features)
         kernel_size_t = _checks.canonicalize_ints(kernel_size, num_spatial, "kernel_size")
         if activation not in _ACTIVATION_GAINS:
             raise ValueError(f"`activation` must be one of {tuple(_ACTIVATION_GAINS)}, got {activation!r}.")

@@ -209,9 +209,8 @@ def check_config(
         kernel_dilation=kernel_dilation,
         feature_group_count=feature_group_count,
     )
-    for name, value in (("num_experts", num_experts), ("min_channels", min_channels)):
-        if not _checks.is_int(value) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    _checks.check_positive_int("num_experts", num_experts)
+    _checks.check_positive_int("min_channels", min_channels)
     _checks.check_batch_norm_attributes(momentum, epsilon)
     _checks.check_positive_number("reduction", reduction)
     _checks.check_temperature(temperature)

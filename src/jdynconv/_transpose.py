@@ -104,8 +104,7 @@ def per_sample_conv_transpose(
         raise ValueError(f"`kernels` must have batch size {batch} to match `inputs`, got {given}.")
     if kernel_in != in_channels:
         raise ValueError(f"`kernels` must have C_in = {in_channels} (the channels of `inputs`), got {given}.")
-    if not _checks.is_int(feature_group_count) or feature_group_count < 1:
-        raise ValueError(f"`feature_group_count` must be a positive int, got {feature_group_count!r}.")
+    _checks.check_positive_int("feature_group_count", feature_group_count)
     groups = int(feature_group_count)
     if in_channels % groups:
         raise ValueError(f"`inputs` channels (={in_channels}) must be divisible by `feature_group_count` (={groups}).")

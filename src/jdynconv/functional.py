@@ -203,8 +203,7 @@ def _check_groups(
     out_channels: int,
     kernel_shape: tuple[int, ...],
 ) -> int:
-    if not _checks.is_int(feature_group_count) or feature_group_count < 1:
-        raise ValueError(f"`feature_group_count` must be a positive int, got {feature_group_count!r}.")
+    _checks.check_positive_int("feature_group_count", feature_group_count)
     groups = int(feature_group_count)
     if in_channels % groups:
         raise ValueError(f"`inputs` channels (={in_channels}) must be divisible by `feature_group_count` (={groups}).")
