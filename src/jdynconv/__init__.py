@@ -13,6 +13,8 @@ import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from jdynconv._dcnv3 import dcnv3 as dcnv3
+from jdynconv._deform import deform_conv as deform_conv
 from jdynconv._kernel_mix import temperature_schedule as temperature_schedule
 from jdynconv._modulated import modulated_conv as modulated_conv
 from jdynconv._transpose import per_sample_conv_transpose as per_sample_conv_transpose
@@ -24,6 +26,8 @@ __version__ = "0.2.0"
 
 __all__ = [
     "__version__",
+    "dcnv3",
+    "deform_conv",
     "mix_kernels",
     "mix_outputs",
     "modulated_conv",

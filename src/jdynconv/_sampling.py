@@ -1,0 +1,160 @@
+"""Multilinear sampling of channels-last feature maps at arbitrary positions, with its own derivatives.
+
+The one primitive under every deformable convolution (:func:`jdynconv.deform_conv`, DCNv3): for each
+sampling point, the ``2**N`` corners ``floor(p)`` and ``floor(p) + 1`` of an N-d position ``p`` are read as one
+``(2,) * N`` window of a copy of the map padded by one zero on every side, so corners outside the map read
+zeros (bilinear sampling with zero padding, as torchvision's ``deform_conv2d`` and ``grid_sample(...,
+padding_mode="zeros")``). Points whose window would leave the padded map (every corner outside) get zero
+weights.
+
+Derivatives (:func:`jax.custom_vjp`): the map's is one scatter-add of the same windows; the positions' is the
+derivative of the multilinear formula with the corners held at ``floor(p)``, so at an integer coordinate it
+is the derivative from above, and a point exactly on the border (``p == -1``: value 0) still gets the
+derivative from the corner inside. That is torchvision's CPU and CUDA kernels' choice (their
+``get_coordinate_weight`` has no border check) and what autodiff of the floor-based formula gives.
+Autodiff would save and scatter one ``(..., Cg)`` array per corner; here nothing sample-sized is saved (the
+windows are gathered again in the backward pass) and the map's cotangent is one scatter of whole windows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def sample(
+    inputs: jax.Array, positions: jax.Array, mask: jax.Array | None = None, *, sum_taps: bool = False
+) -> jax.Array:
+    """``mask * inputs`` sampled multilinearly at ``positions``, per group.
+
+    Args:
+      inputs: ``(B, *spatial, G, Cg)``: a channels-last map whose channels are split into G groups.
+      positions: ``(B, *points, G, N)`` float, N = ``len(spatial)``: for every point and group, the position
+        in pixel coordinates of ``inputs`` (``0`` is the first pixel's centre, ``spatial[i] - 1`` the last).
+      mask: ``(B, *points, G)`` or None: a factor per point and group (DCNv2's modulation).
+      sum_taps: sum the samples over the last of ``points`` (DCNv3's taps), inside the gathers, so the
+        per-tap samples are never stored.
+
+    Returns:
+      ``(B, *points, G, Cg)`` (without the last of ``points`` if ``sum_taps``), in ``inputs``' dtype.
+    """
+    rows, weights = _corners(positions, inputs.shape)
+    if mask is not None:
+        weights = weights * mask[..., None].astype(weights.dtype)
+    if sum_taps:  # (B, *points, T, G, 2**N) -> (B, *points, G, T * 2**N): taps become more corners.
+        rows, weights = (jnp.moveaxis(a, -3, -2) for a in (rows, weights))
+        rows, weights = (a.reshape(*a.shape[:-2], -1) for a in (rows, weights))
+    points = rows.shape[:-1]
+    # Everything goes in as (rows, columns): XLA:CPU's gathers, reductions and scatters are many times
+    # faster on 2-D arrays than on the same data with the batch, point and group axes kept apart.
+    corners = rows.shape[-1]
+    out = _sample(_table(inputs), rows.reshape(-1, corners), weights.reshape(-1, corners))
+    return out.reshape(*points, inputs.shape[-1])
+
+
+@jax.custom_vjp
+def _sample(table: jax.Array, rows: jax.Array, weights: jax.Array) -> jax.Array:
+    """``sum_w weights[:, w] * table[rows[:, w]]``: ``(R, Cg)`` from a ``(T, Cg)`` table, ``(R, 2**N)`` rows."""
+    weights = weights.astype(table.dtype)
+    # One gather per corner, summed with its weight: XLA fuses the gathers into the sum.
+    out = weights[:, 0, None] * _gather(table, rows[:, 0])
+    for corner in range(1, rows.shape[-1]):
+        out = out + weights[:, corner, None] * _gather(table, rows[:, corner])
+    return out
+
+
+def _sample_fwd(table, rows, weights):
+    return _sample(table, rows, weights), (table, rows, weights)
+
+
+def _sample_bwd(residuals, cotangent):
+    """The table's cotangent is one scatter-add of whole rows; the weights' (from which autodiff goes on to
+    the positions and the mask) are the cotangent's dot products with each corner's values."""
+    table, rows, weights = residuals
+    grad_weights = jnp.stack(
+        [
+            jnp.sum(cotangent * _gather(table, rows[:, corner]), axis=-1, dtype=weights.dtype)
+            for corner in range(rows.shape[-1])
+        ],
+        axis=-1,
+    )
+    updates = weights.astype(table.dtype)[:, :, None] * cotangent[:, None, :]
+    grad_table = (
+        jnp.zeros_like(table).at[rows.reshape(-1)].add(updates.reshape(-1, table.shape[-1]), mode="promise_in_bounds")
+    )
+    return grad_table, None, grad_weights
+
+
+_sample.defvjp(_sample_fwd, _sample_bwd)
+
+
+def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """Positions and corner weights in at least float32: a half-precision coordinate past 256 is not exact."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _padded_spatial(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(size + 2 for size in shape[1:-2])
+
+
+def _table(inputs: jax.Array) -> jax.Array:
+    """``(B * prod(padded spatial) * G, Cg)``: the zero-padded map, one row per pixel and group.
+
+    Row ``(b * L + l) * G + g`` holds pixel ``l`` (row-major over the padded map) of sample ``b``, group ``g``.
+    A plain row gather/scatter on this table is many times faster on XLA:CPU than the same one with batch
+    dimensions.
+    """
+    num_spatial = inputs.ndim - 3
+    padded = jnp.pad(inputs, ((0, 0), *((1, 1),) * num_spatial, (0, 0), (0, 0)))
+    return padded.reshape(-1, inputs.shape[-1])
+
+
+def _untable(table: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    padded = table.reshape(shape[0], *_padded_spatial(shape), *shape[-2:])
+    return padded[(slice(None), *(slice(1, -1) for _ in shape[1:-2]))]
+
+
+def _gather(table: jax.Array, rows: jax.Array) -> jax.Array:
+    return table.at[rows].get(mode="promise_in_bounds")
+
+
+def _corners(positions: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """The ``2**N`` corners of every position: their rows in :func:`_table` and their weights.
+
+    Args:
+      positions: ``(B, *points, G, N)``.
+      shape: the shape of the map, ``(B, *spatial, G, Cg)``.
+
+    Returns:
+      rows ``(B, *points, G, 2**N)`` int32 and weights ``(B, *points, G, 2**N)`` in at least float32,
+      corners in row-major order of the ``(2,) * N`` cube. The weights are the multilinear ones with the
+      corners held at ``floor(p)`` (their derivative is the one from above at an integer coordinate). A
+      point whose cube leaves the padded map (every corner outside the map) gets zero weights, and rows
+      clipped into its sample's part of the table.
+    """
+    batch, groups = shape[0], shape[-2]
+    padded = _padded_spatial(shape)
+    num_spatial = len(padded)
+    positions = positions.astype(_compute_dtype(positions.dtype))
+    lower = lax.stop_gradient(jnp.floor(positions))
+    fraction = positions - lower
+    # The lower corner's index in the padded map is floor(p) + 1; its cube fits where that is in [0, size].
+    lower_index = lower + 1
+    limit = jnp.asarray([size - 2 for size in padded], positions.dtype)
+    inside = jnp.all((lower_index >= 0) & (lower_index <= limit), axis=-1)
+    starts = jnp.clip(lower_index, 0, limit).astype(jnp.int32)
+    strides = [math.prod(padded[i + 1 :]) for i in range(num_spatial)]
+    pixel = sum(starts[..., i] * strides[i] for i in range(num_spatial))
+    sample_index = jnp.arange(batch, dtype=jnp.int32).reshape((batch,) + (1,) * (positions.ndim - 2))
+    base = (sample_index * math.prod(padded) + pixel) * groups + jnp.arange(groups, dtype=jnp.int32)
+    factors = (1 - fraction, fraction)  # weight of the lower / upper corner along each dim
+    rows, weights = [], []
+    for bits in itertools.product((0, 1), repeat=num_spatial):
+        rows.append(base + sum(bit * stride for bit, stride in zip(bits, strides, strict=True)) * groups)
+        weights.append(math.prod(factors[bit][..., i] for i, bit in enumerate(bits)))
+    weights = jnp.where(inside[..., None], jnp.stack(weights, axis=-1), 0)
+    return jnp.stack(rows, axis=-1), weights
