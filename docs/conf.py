@@ -184,7 +184,8 @@ def _is_linen_module(obj: Any) -> bool:
 
 
 def _is_nnx_class(obj: Any) -> bool:
-    return inspect.isclass(obj) and obj.__module__ == "jdynconv.nnx"
+    """A class of ``jdynconv.nnx``: defined in one of its family modules (``jdynconv.nnx.kernel_mix``, ...)."""
+    return inspect.isclass(obj) and obj.__module__.startswith("jdynconv.nnx.")
 
 
 def _signature(
