@@ -113,7 +113,6 @@ def _channels_last(
     batch = inputs.shape[0]
     out_spatial = config.out_spatial
     taps, offset_groups, num_spatial = config.taps, config.offset_groups, config.num_spatial
-    group_channels = config.in_channels // offset_groups
     compute = _sampling._compute_dtype(inputs.dtype)
     # Regular grid: o * stride - pad_low + t * dilation, (out_spatial..., K, N); + offset in one rounding.
     grid = _grid(out_spatial, config.kernel_size, config.strides, config.pads, config.kernel_dilation)
@@ -122,13 +121,49 @@ def _channels_last(
     positions = grid[..., None, :].astype(compute) + offsets.astype(compute)
     if mask is not None:
         mask = jnp.swapaxes(mask.reshape(batch, *out_spatial, offset_groups, taps), -2, -1)
-    grouped = inputs.reshape(*inputs.shape[:-1], offset_groups, group_channels)
-    columns = _sampling.sample(grouped, positions, mask)  # (B, *out, K, G_off, Cg)
+    grouped = inputs.reshape(*inputs.shape[:-1], offset_groups, config.in_channels // offset_groups)
     groups = config.feature_group_count
-    columns = columns.reshape(batch, *out_spatial, taps, groups, config.in_channels // groups)
     kernel = kernel.reshape(taps, config.in_channels // groups, groups, config.out_channels // groups)
-    out = jnp.einsum("...kgc,kcgf->...gf", columns, kernel, precision=config.precision)
-    return out.reshape(batch, *out_spatial, config.out_channels)
+
+    def rows(positions: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """The output at the rows (first output dim) of ``positions``: sample, then contract."""
+        columns = _sampling.sample(grouped, positions, mask)  # (B, rows, ..., K, G_off, Cg)
+        if groups == 1:
+            columns = columns.reshape(-1, taps * config.in_channels)
+            out = jnp.matmul(columns, kernel.reshape(columns.shape[-1], -1), precision=config.precision)
+        else:
+            columns = columns.reshape(*columns.shape[:-3], taps, groups, config.in_channels // groups)
+            out = jnp.einsum("...kgc,kcgf->...gf", columns, kernel, precision=config.precision)
+        return out.reshape(batch, *positions.shape[1 : 1 + num_spatial], config.out_channels)
+
+    column_bytes = batch * math.prod(out_spatial) * taps * config.in_channels * inputs.dtype.itemsize
+    chunks = math.ceil(column_bytes / COLUMN_BYTES)
+    if chunks <= 1:
+        return rows(positions, mask)
+    return _by_row_chunks(jax.checkpoint(rows), positions, mask, min(chunks, out_spatial[0]))
+
+
+# The sampled columns (B, *out_spatial, K, C_in) are the op's one K-times-the-input array; above this size
+# they are made and contracted a block of output rows at a time (and made again in the backward pass).
+COLUMN_BYTES = 256 * 2**20
+
+
+def _by_row_chunks(fn: Any, positions: jax.Array, mask: jax.Array | None, chunks: int) -> jax.Array:
+    """``fn(positions, mask)`` computed over ``chunks`` blocks of the first output dim in a loop."""
+    size = positions.shape[1]
+    block = math.ceil(size / chunks)
+    chunks = math.ceil(size / block)
+    extra = chunks * block - size
+    # Rows past the end sample far outside the input (zero weights); their outputs are dropped.
+    positions = jnp.pad(positions, ((0, 0), (0, extra)) + ((0, 0),) * (positions.ndim - 2), constant_values=-4)
+    split = lambda a: jnp.moveaxis(a.reshape(a.shape[0], chunks, block, *a.shape[2:]), 1, 0)  # noqa: E731
+    if mask is None:
+        out = jax.lax.map(lambda p: fn(p, None), split(positions))
+    else:
+        mask = jnp.pad(mask, ((0, 0), (0, extra)) + ((0, 0),) * (mask.ndim - 2))
+        out = jax.lax.map(lambda pm: fn(*pm), (split(positions), split(mask)))
+    out = jnp.moveaxis(out, 0, 1)
+    return out.reshape(out.shape[0], chunks * block, *out.shape[3:])[:, :size]
 
 
 def _grid(
