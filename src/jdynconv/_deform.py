@@ -96,7 +96,7 @@ def deform_conv(
 
         out = batch_parallel.map_batch_shards(local, batched, (kernel,))
     if bias is not None:
-        out = out + bias.astype(out.dtype)
+        out = out + bias.astype(out.dtype).reshape((1,) * (out.ndim - 1) + (-1,))
     return jnp.moveaxis(out, -1, 1) if config.channels_first else out
 
 
@@ -118,7 +118,7 @@ def _channels_last(
     grid = _grid(out_spatial, config.kernel_size, config.strides, config.pads, config.kernel_dilation)
     offsets = offsets.reshape(batch, *out_spatial, offset_groups, taps, num_spatial)
     offsets = jnp.swapaxes(offsets, -3, -2)  # (B, *out, K, G_off, N)
-    positions = grid[..., None, :].astype(compute) + offsets.astype(compute)
+    positions = grid[None, ..., None, :].astype(compute) + offsets.astype(compute)
     if mask is not None:
         mask = jnp.swapaxes(mask.reshape(batch, *out_spatial, offset_groups, taps), -2, -1)
     grouped = inputs.reshape(*inputs.shape[:-1], offset_groups, config.in_channels // offset_groups)
@@ -181,7 +181,7 @@ def _grid(
     taps = jnp.meshgrid(*(t for _, t in axes), indexing="ij")
     out_grid = jnp.stack(outs, axis=-1).reshape(*out_spatial, 1, len(axes))
     tap_grid = jnp.stack(taps, axis=-1).reshape(math.prod(kernel_size), len(axes))
-    return (out_grid + tap_grid).astype(jnp.int32)
+    return (out_grid + tap_grid[(None,) * len(out_spatial)]).astype(jnp.int32)
 
 
 def _configure(

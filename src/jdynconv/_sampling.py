@@ -45,25 +45,37 @@ def sample(
     rows, weights = _corners(positions, inputs.shape)
     if mask is not None:
         weights = weights * mask[..., None].astype(weights.dtype)
-    if sum_taps:  # (B, *points, T, G, 2**N) -> (B, *points, G, T * 2**N): taps become more corners.
+    if sum_taps:  # (B, *points, T, G, 2**N) -> (B, *points, G, T, 2**N)
         rows, weights = (jnp.moveaxis(a, -3, -2) for a in (rows, weights))
-        rows, weights = (a.reshape(*a.shape[:-2], -1) for a in (rows, weights))
-    points = rows.shape[:-1]
-    # Everything goes in as (rows, columns): XLA:CPU's gathers, reductions and scatters are many times
-    # faster on 2-D arrays than on the same data with the batch, point and group axes kept apart.
-    corners = rows.shape[-1]
-    out = _sample(_table(inputs), rows.reshape(-1, corners), weights.reshape(-1, corners))
+    else:
+        rows, weights = (a[..., None, :] for a in (rows, weights))
+    points = rows.shape[:-2]
+    # Everything goes in as (rows, taps, corners): XLA:CPU's gathers, reductions and scatters are many
+    # times faster on these than on the same data with the batch, point and group axes kept apart.
+    out = _sample(_table(inputs), rows.reshape(-1, *rows.shape[-2:]), weights.reshape(-1, *rows.shape[-2:]))
     return out.reshape(*points, inputs.shape[-1])
 
 
 @jax.custom_vjp
 def _sample(table: jax.Array, rows: jax.Array, weights: jax.Array) -> jax.Array:
-    """``sum_w weights[:, w] * table[rows[:, w]]``: ``(R, Cg)`` from a ``(T, Cg)`` table, ``(R, 2**N)`` rows."""
-    weights = weights.astype(table.dtype)
-    # One gather per corner, summed with its weight: XLA fuses the gathers into the sum.
-    out = weights[:, 0, None] * _gather(table, rows[:, 0])
-    for corner in range(1, rows.shape[-1]):
-        out = out + weights[:, corner, None] * _gather(table, rows[:, corner])
+    """``sum_{t,w} weights[:, t, w] * table[rows[:, t, w]]``: ``(R, Cg)`` from a ``(L, Cg)`` table and
+    ``(R, T, 2**N)`` rows and weights. Taps past the first are added in a loop (program size independent of
+    T); the ``2**N`` corners of a tap are one fused gather-and-sum."""
+
+    def tap(rows: jax.Array, weights: jax.Array) -> jax.Array:
+        weights = weights.astype(table.dtype)
+        out = weights[:, 0, None] * _gather(table, rows[:, 0])
+        for corner in range(1, rows.shape[-1]):
+            out = out + weights[:, corner, None] * _gather(table, rows[:, corner])
+        return out
+
+    out = tap(rows[:, 0], weights[:, 0])
+    if rows.shape[1] > 1:
+        out, _ = lax.scan(
+            lambda total, tap_args: (total + tap(*tap_args), None),
+            out,
+            (jnp.swapaxes(rows[:, 1:], 0, 1), jnp.swapaxes(weights[:, 1:], 0, 1)),
+        )
     return out
 
 
@@ -72,20 +84,30 @@ def _sample_fwd(table, rows, weights):
 
 
 def _sample_bwd(residuals, cotangent):
-    """The table's cotangent is one scatter-add of whole rows; the weights' (from which autodiff goes on to
+    """The table's cotangent is a scatter-add of whole rows; the weights' (from which autodiff goes on to
     the positions and the mask) are the cotangent's dot products with each corner's values."""
     table, rows, weights = residuals
-    grad_weights = jnp.stack(
-        [
-            jnp.sum(cotangent * _gather(table, rows[:, corner]), axis=-1, dtype=weights.dtype)
-            for corner in range(rows.shape[-1])
-        ],
-        axis=-1,
-    )
-    updates = weights.astype(table.dtype)[:, :, None] * cotangent[:, None, :]
-    grad_table = (
-        jnp.zeros_like(table).at[rows.reshape(-1)].add(updates.reshape(-1, table.shape[-1]), mode="promise_in_bounds")
-    )
+
+    def tap(grad_table: jax.Array, tap_args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        rows, weights = tap_args
+        grad_weights = jnp.stack(
+            [
+                jnp.sum(cotangent * _gather(table, rows[:, corner]), axis=-1, dtype=weights.dtype)
+                for corner in range(rows.shape[-1])
+            ],
+            axis=-1,
+        )
+        updates = weights.astype(table.dtype)[:, :, None] * cotangent[:, None, :]
+        grad_table = grad_table.at[rows.reshape(-1)].add(updates.reshape(-1, table.shape[-1]), mode="promise_in_bounds")
+        return grad_table, grad_weights
+
+    grad_table, grad_weights = tap(jnp.zeros_like(table), (rows[:, 0], weights[:, 0]))
+    grad_weights = grad_weights[:, None]
+    if rows.shape[1] > 1:
+        grad_table, rest = lax.scan(
+            tap, grad_table, (jnp.swapaxes(rows[:, 1:], 0, 1), jnp.swapaxes(weights[:, 1:], 0, 1))
+        )
+        grad_weights = jnp.concatenate([grad_weights, jnp.swapaxes(rest, 0, 1)], axis=1)
     return grad_table, None, grad_weights
 
 
@@ -94,7 +116,7 @@ _sample.defvjp(_sample_fwd, _sample_bwd)
 
 def _compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     """Positions and corner weights in at least float32: a half-precision coordinate past 256 is not exact."""
-    return jnp.promote_types(dtype, jnp.float32)
+    return jnp.dtype(dtype) if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
 def _padded_spatial(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -144,13 +166,14 @@ def _corners(positions: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, j
     fraction = positions - lower
     # The lower corner's index in the padded map is floor(p) + 1; its cube fits where that is in [0, size].
     lower_index = lower + 1
-    limit = jnp.asarray([size - 2 for size in padded], positions.dtype)
+    limit = jnp.asarray([size - 2 for size in padded], positions.dtype)[(None,) * (positions.ndim - 1)]
     inside = jnp.all((lower_index >= 0) & (lower_index <= limit), axis=-1)
     starts = jnp.clip(lower_index, 0, limit).astype(jnp.int32)
     strides = [math.prod(padded[i + 1 :]) for i in range(num_spatial)]
     pixel = sum(starts[..., i] * strides[i] for i in range(num_spatial))
     sample_index = jnp.arange(batch, dtype=jnp.int32).reshape((batch,) + (1,) * (positions.ndim - 2))
-    base = (sample_index * math.prod(padded) + pixel) * groups + jnp.arange(groups, dtype=jnp.int32)
+    group_index = jnp.arange(groups, dtype=jnp.int32)[(None,) * (positions.ndim - 2)]
+    base = (sample_index * math.prod(padded) + pixel) * groups + group_index
     factors = (1 - fraction, fraction)  # weight of the lower / upper corner along each dim
     rows, weights = [], []
     for bits in itertools.product((0, 1), repeat=num_spatial):
