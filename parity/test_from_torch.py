@@ -7,11 +7,19 @@ linen and for NNX. Compared on the same inputs (moved to the returned layer's ch
 eval-mode outputs, and where the layer has BatchNorm, the training-mode outputs and the running statistics after
 one training step (which proves PyTorch's momentum and unbiased running-variance conventions are carried over).
 Tolerance: parity's ``RTOL`` (``conftest.py``).
+
+The deformable layers: torchvision's ``DeformConv2d`` takes its offsets and mask per call, so does the port (given
+in the port's channels-last layout); mmcv's Packs predict them (``conv_offset``, perturbed off mmcv's zeros, so the
+sampling is off the grid); InternImage's ``DCNv3_pytorch`` is channels-last on both sides, its ``act_layer`` and
+``norm_layer`` read off the types of ``dw_conv``'s children. Their eval outputs are compared, linen and NNX in one
+jitted program; ``parity/test_deformable_interop.py`` compares every gradient, and DCNv3's BatchNorm in training
+mode (its running mean: jdynconv's DCNv3 keeps flax's biased running variance, an expected failure there).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +30,9 @@ import torch
 from flax import nnx
 
 from jdynconv import interop
+from jdynconv.interop._from_torch import torch_port
+from parity import deform_conv_modules as deform
+from parity.dcnv3_reference import DCNv3_pytorch
 from parity.kernel_mix_models import CondConv2d, DynamicConvNd, RoutedCondConv2d
 from parity.odconv_reference import ODConvNd
 from parity.seed_model import SeedModel
@@ -182,6 +193,114 @@ def test_to_rgb_layer(assert_close: AssertClose) -> None:
     module = _perturb(ToRGBLayer(4, 3, 6, kernel_size=1, conv_clamp=0.5), 8)
     w = np.random.default_rng(9).normal(size=(2, 6)).astype(np.float32)
     _check_layer(module, (_inputs((2, 4, 8, 8)), w), assert_close, "to_rgb")
+
+
+def _check_ported(
+    module: torch.nn.Module, inputs: tuple[np.ndarray, ...], assert_close: AssertClose, name: str, layout: str
+) -> None:
+    """Eval outputs of the linen and NNX ports against torch, both APIs in one jitted program (XLA merges their
+    identical computations: one compile). ``inputs`` in PyTorch's layout; ``layout``: ``"channels_first"`` (moved
+    channels-last for jdynconv) or ``"channels_last"`` (DCNv3: the same on both sides)."""
+    layer, variables = interop.from_torch(module)
+    model = interop.from_torch(module, api="nnx")
+    model.eval()
+    graphdef = nnx.graphdef(model)
+    kwargs = {"use_running_average": True} if "batch_stats" in variables else {}
+
+    @jax.jit
+    def both(variables: Any, state: Any, *arrays: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        return layer.apply(variables, *arrays, **kwargs), nnx.merge(graphdef, state)(*arrays)
+
+    module.eval()
+    with torch.no_grad():
+        expected = module(*(torch.from_numpy(a) for a in inputs)).numpy()
+    move = _channels_last if layout == "channels_first" else np.asarray
+    linen_out, nnx_out = both(variables, nnx.state(model), *(move(a) for a in inputs))
+    assert_close(linen_out, move(expected), f"{name} linen")
+    assert_close(nnx_out, move(expected), f"{name} nnx")
+
+
+def test_torchvision_deform_conv_takes_offsets_and_mask(assert_close: AssertClose) -> None:
+    """torchvision's DeformConv2d takes its offsets (and a mask) per call: so does the port (predict_offsets=False),
+    with them channels-last; with and without a mask."""
+    torch.manual_seed(0)
+    module = _perturb(deform.DeformConv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2), 10)
+    rng = np.random.default_rng(11)
+    x = _inputs((2, 4, 8, 8))
+    offset = rng.normal(0.0, 1.5, size=(2, 2 * 2 * 9, 3, 3)).astype(np.float32)  # two offset groups
+    mask = rng.uniform(size=(2, 2 * 9, 3, 3)).astype(np.float32)
+    assert not interop.from_torch(module)[0].predict_offsets
+    _check_ported(module, (x, offset), assert_close, "deform_conv", "channels_first")
+    _check_ported(module, (x, offset, mask), assert_close, "deform_conv with mask", "channels_first")
+
+
+def test_mmcv_deform_conv_pack_stride_2(assert_close: AssertClose) -> None:
+    torch.manual_seed(0)
+    module = _perturb(deform.DeformConv2dPack(4, 6, 3, stride=2, padding=1, groups=2, deform_groups=2), 12)
+    _check_ported(module, (_inputs((2, 4, 8, 8)),), assert_close, "deform_conv_pack", "channels_first")
+
+
+def test_mmcv_modulated_deform_conv_pack_dilation(assert_close: AssertClose) -> None:
+    torch.manual_seed(0)
+    module = deform.ModulatedDeformConv2dPack(4, 4, 3, padding=2, dilation=2, deform_groups=2, bias=False)
+    _check_ported(_perturb(module, 13), (_inputs((2, 4, 7, 7)),), assert_close, "modulated_pack", "channels_first")
+
+
+def test_the_mmcv_layers_that_take_offsets_port_as_deform_conv() -> None:
+    """mmcv's DeformConv2d (torchvision's class name; no bias, deform_groups) and ModulatedDeformConv2d take their
+    offsets (and mask) per call: DeformConv with predict_offsets=False, offset_groups from deform_groups."""
+    for module, use_bias in (
+        (deform.mmcv.DeformConv2d(4, 6, 3, stride=2, padding=1, deform_groups=2), False),
+        (deform.ModulatedDeformConv2d(4, 6, (3, 1), padding=(1, 0), groups=2, deform_groups=4), True),
+    ):
+        port = torch_port(module)
+        assert port.attributes["predict_offsets"] is False
+        assert port.attributes["offset_groups"] == module.deform_groups
+        assert port.attributes["use_bias"] is use_bias
+        assert port.attributes["padding"] == tuple((p, p) for p in module.padding)
+        assert sorted(port.state_dict) == sorted(module.state_dict())
+
+
+def _dcnv3(seed: int, **settings: Any) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # InternImage's advice that C / group be a power of 2
+        return _perturb(DCNv3_pytorch(**settings), seed)
+
+
+def test_dcnv3_layer_norm_gelu_center_feature_scale_remove_center(assert_close: AssertClose) -> None:
+    module = _dcnv3(14, channels=8, group=2, offset_scale=0.5, center_feature_scale=True, remove_center=True)
+    _check_ported(module, (_inputs((2, 6, 6, 8)),), assert_close, "dcnv3 LN", "channels_last")
+
+
+def test_dcnv3_batch_norm_relu_dilation_2(assert_close: AssertClose) -> None:
+    """Eval mode, its perturbed running statistics loaded (training mode, with the running mean after a step:
+    ``parity/test_deformable_interop.py``)."""
+    settings = {"channels": 4, "dw_kernel_size": 5, "pad": 2, "dilation": 2, "group": 2, "act_layer": "ReLU"}
+    module = _dcnv3(15, **settings, norm_layer="BN")
+    _check_ported(module, (_inputs((2, 6, 6, 4)),), assert_close, "dcnv3 BN", "channels_last")
+
+
+def test_dcnv3_settings_jdynconv_fixes_are_checked() -> None:
+    """jdynconv's DCNv3 has InternImage's norm settings built in (LayerNorm eps 1e-6, BatchNorm2d's defaults):
+    other values are refused by name, never ported silently. The CUDA ``DCNv3`` (same parameters) is recognised."""
+    module = _dcnv3(16, channels=4, group=2, norm_layer="BN")
+    module.dw_conv[1][0].momentum = 0.3
+    with pytest.raises(ValueError, match=r"dw_conv\.1\.0 has momentum 0\.7"):
+        interop.from_torch(module)
+    module = _dcnv3(16, channels=4, group=2)
+    module.dw_conv[1][1].eps = 1e-5
+    with pytest.raises(ValueError, match=r"dw_conv\.1\.1 has epsilon 1e-05"):
+        interop.from_torch(module)
+
+    class DCNv3(DCNv3_pytorch):  # InternImage's CUDA module's name and parameters
+        pass
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        port = torch_port(DCNv3(channels=8, group=2, act_layer="SiLU", norm_layer="BN"))
+    assert port.attributes["activation"] is jax.nn.silu
+    assert port.attributes["norm"] == "batch"
 
 
 def test_an_unknown_layer_is_refused_with_the_known_names() -> None:

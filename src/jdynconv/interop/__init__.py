@@ -27,17 +27,24 @@ C_in // G, *K)``, the attention's 1x1 convs ``attention.fc1``/``attention.fc2``)
 ``attention.{channel,filter,spatial,kernel}_fc``); see :func:`cond_conv_rules`, :func:`dynamic_conv_rules` and
 :func:`od_conv_rules`; ``ModulatedConv`` (NVIDIA's StyleGAN2 ``SynthesisLayer`` / ``ToRGBLayer``: ``weight``,
 ``affine.{weight,bias}``, ``bias``, ``noise_strength``, ``noise_const``, ``resample_filter``; see
-:func:`modulated_conv_rules`). Others (your own models, built from :func:`conv_rules`, :func:`linear_rules`,
-:func:`batchnorm_rules` and the rest) with :func:`register`.
+:func:`modulated_conv_rules`); ``DeformConv`` (torchvision's ``DeformConv2d``: ``weight``, ``bias``; mmcv's
+``DeformConv2dPack`` / ``ModulatedDeformConv2dPack``: also ``conv_offset.{weight,bias}``; see
+:func:`deform_conv_rules`) and ``DCNv3`` (InternImage's ``DCNv3_pytorch``: ``input_proj``, ``dw_conv.0``,
+``dw_conv.1.1`` (LayerNorm) or ``dw_conv.1.0`` (BatchNorm2d), ``offset``, ``mask``, ``output_proj``,
+``center_feature_scale_proj_{weight,bias}``; see :func:`dcnv3_rules`). Others (your own models, built from
+:func:`conv_rules`, :func:`linear_rules`, :func:`batchnorm_rules` and the rest) with :func:`register`.
 
 :func:`from_torch` builds, from a PyTorch layer jdynconv knows (the seed model's block, timm's ``CondConv2d``,
-Dynamic Convolution, ``ODConv2d``, StyleGAN2's ``SynthesisLayer``/``ToRGBLayer``; others with
+Dynamic Convolution, ``ODConv2d``, StyleGAN2's ``SynthesisLayer``/``ToRGBLayer``, torchvision's
+``DeformConv2d``, mmcv's ``DeformConv2dPack`` and ``ModulatedDeformConv2dPack``, InternImage's
+``DCNv3_pytorch``/``DCNv3``; others with
 :func:`register_torch_layer`), the jdynconv layer that computes the same function, with its weights.
 :func:`rules_for` and :func:`under` compose a whole model's rules from its layers'; :func:`torch_names` names
 gradients and optimizer moments by PyTorch keys.
 """
 
 from jdynconv.interop import _branch_mix as _branch_mix  # registers BranchMixConv
+from jdynconv.interop import _deformable as _deformable  # registers DeformConv, DCNv3
 from jdynconv.interop import _kernel_mix as _kernel_mix  # registers CondConv, DynamicConv
 from jdynconv.interop import _modulated as _modulated  # registers ModulatedConv
 from jdynconv.interop import _odconv as _odconv  # registers ODConv
@@ -48,6 +55,8 @@ from jdynconv.interop._convert import nnx_to_torch as nnx_to_torch
 from jdynconv.interop._convert import register as register
 from jdynconv.interop._convert import torch_to_linen as torch_to_linen
 from jdynconv.interop._convert import torch_to_nnx as torch_to_nnx
+from jdynconv.interop._deformable import dcnv3_rules as dcnv3_rules
+from jdynconv.interop._deformable import deform_conv_rules as deform_conv_rules
 from jdynconv.interop._from_torch import TorchPort as TorchPort
 from jdynconv.interop._from_torch import from_torch as from_torch
 from jdynconv.interop._from_torch import known_torch_layers as known_torch_layers
@@ -89,6 +98,8 @@ __all__ = [
     "cond_conv_rules",
     "conv_layout",
     "conv_rules",
+    "dcnv3_rules",
+    "deform_conv_rules",
     "dynamic_conv_rules",
     "flax_from_torch",
     "from_torch",
