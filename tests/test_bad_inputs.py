@@ -256,6 +256,90 @@ NOT_APPLICABLE[(TS, "option")] = "no option string"
 NOT_APPLICABLE[(TS, "empty_batch")] = "no batch"
 
 
+DC = "jdynconv.deform_conv"
+DEFORM_ARRAYS = {"inputs": _x(B, H, W, C), "offsets": _x(B, H, W, 18), "kernel": _x(3, 3, C, F)}
+
+
+def _deform(**overrides: Any) -> jax.Array:
+    return jdc.deform_conv(**{**DEFORM_ARRAYS, "padding": 1, **overrides})
+
+
+add(DC, "rank", "inputs 2-D", lambda: _deform(inputs=_x(W, C)), ValueError, "inputs")
+add(DC, "rank", "kernel 3-D", lambda: _deform(kernel=_x(3, C, F)), ValueError, "kernel")
+add(DC, "shape", "offsets batch", lambda: _deform(offsets=_x(B + 1, H, W, 18)), ValueError, "offsets")
+add(DC, "shape", "mask taps", lambda: _deform(mask=_x(B, H, W, 10)), ValueError, "mask")
+add(DC, "shape", "bias", lambda: _deform(bias=_x(F + 1)), ValueError, "bias")
+add(DC, "channels", "NCHW inputs", lambda: _deform(inputs=_x(B, C, H, W)), ValueError, "kernel")
+add(DC, "channels", "3 offset groups", lambda: _deform(offsets=_x(B, H, W, 54)), ValueError, "offsets")
+add(DC, "dtype", "int inputs", lambda: _deform(inputs=_x(B, H, W, C, dtype=np.int32)), TypeError, "inputs")
+add(DC, "dtype", "offsets float16", lambda: _deform(offsets=_x(B, H, W, 18, dtype=np.float16)), TypeError, "offsets")
+add(DC, "non_array", "None offsets", lambda: _deform(offsets=None), TypeError, "offsets")
+add(DC, "non_array", "str kernel", lambda: _deform(kernel="w"), TypeError, "kernel")
+add(DC, "non_array", "ragged mask", lambda: _deform(mask=RAGGED), TypeError, "mask")
+add(DC, "option", "data_format", lambda: _deform(data_format="NHWC"), ValueError, "data_format")
+add(DC, "option", "padding", lambda: _deform(padding="FULL"), ValueError, "padding")
+add(DC, "size", "strides 0", lambda: _deform(strides=0), ValueError, "strides")
+add(DC, "size", "dilation 0", lambda: _deform(kernel_dilation=(1, 0)), ValueError, "kernel_dilation")
+add(DC, "size", "groups 0", lambda: _deform(feature_group_count=0), ValueError, "feature_group_count")
+
+
+def _deform_empty() -> None:
+    arrays = (_x(0, H, W, C), _x(0, H, W, 18), _x(3, 3, C, F), _x(0, H, W, 9))
+
+    def loss(*arrays: jax.Array) -> jax.Array:
+        inputs, offsets, kernel, mask = arrays
+        return jnp.sum(jdc.deform_conv(inputs, offsets, kernel, mask=mask, padding=1))
+
+    out = jax.jit(lambda *a: jdc.deform_conv(*a[:3], mask=a[3], padding=1))(*arrays)
+    assert out.shape == (0, H, W, F)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*arrays)
+    assert [g.shape for g in grads] == [a.shape for a in arrays]
+    np.testing.assert_array_equal(grads[2], 0.0)  # no sample, no kernel gradient
+
+
+EMPTY_BATCH[DC] = _deform_empty
+
+V3 = "jdynconv.dcnv3"
+DCNV3_GROUPS = 2
+DCNV3_ARRAYS = {"inputs": _x(B, H, W, C), "offsets": _x(B, H, W, 2 * 9 * 2), "mask": _x(B, H, W, 2 * 9)}
+
+
+def _dcnv3(**overrides: Any) -> jax.Array:
+    return jdc.dcnv3(**{**DCNV3_ARRAYS, "kernel_size": 3, "padding": 1, "groups": DCNV3_GROUPS, **overrides})
+
+
+add(V3, "rank", "inputs 2-D", lambda: _dcnv3(inputs=_x(W, C)), ValueError, "inputs")
+add(V3, "rank", "offsets 3-D", lambda: _dcnv3(offsets=_x(B, H, 36)), ValueError, "offsets")
+add(V3, "shape", "mask taps", lambda: _dcnv3(mask=_x(B, H, W, 19)), ValueError, "mask")
+add(V3, "channels", "5 channels", lambda: _dcnv3(inputs=_x(B, H, W, 5)), ValueError, "inputs")
+add(V3, "channels", "NCHW inputs", lambda: _dcnv3(inputs=_x(B, C, H, W)), ValueError, "offsets")
+add(V3, "dtype", "int inputs", lambda: _dcnv3(inputs=_x(B, H, W, C, dtype=np.int32)), TypeError, "inputs")
+add(V3, "dtype", "mask float16", lambda: _dcnv3(mask=_x(B, H, W, 18, dtype=np.float16)), TypeError, "mask")
+add(V3, "non_array", "None mask", lambda: _dcnv3(mask=None), TypeError, "mask")
+add(V3, "non_array", "str offsets", lambda: _dcnv3(offsets="o"), TypeError, "offsets")
+add(V3, "option", "remove_center str", lambda: _dcnv3(remove_center="yes"), TypeError, "remove_center")
+add(V3, "option", "remove_center even", lambda: _dcnv3(remove_center=True, kernel_size=2), ValueError, "remove_center")
+add(V3, "size", "kernel_size 0", lambda: _dcnv3(kernel_size=0), ValueError, "kernel_size")
+add(V3, "size", "groups 0", lambda: _dcnv3(groups=0), ValueError, "groups")
+add(V3, "size", "offset_scale 0", lambda: _dcnv3(offset_scale=0.0), ValueError, "offset_scale")
+add(V3, "size", "padding -1", lambda: _dcnv3(padding=-1), ValueError, "padding")
+
+
+def _dcnv3_empty() -> None:
+    arrays = (_x(0, H, W, C), _x(0, H, W, 36), _x(0, H, W, 18))
+
+    def loss(*arrays: jax.Array) -> jax.Array:
+        return jnp.sum(jdc.dcnv3(*arrays, kernel_size=3, padding=1, groups=DCNV3_GROUPS))
+
+    out = jax.jit(lambda *a: jdc.dcnv3(*a, kernel_size=3, padding=1, groups=DCNV3_GROUPS))(*arrays)
+    assert out.shape == (0, H, W, C)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*arrays)
+    assert [g.shape for g in grads] == [a.shape for a in arrays]
+
+
+EMPTY_BATCH[V3] = _dcnv3_empty
+
+
 # --- layers -----------------------------------------------------------------------------------------------
 
 X = _x(B, H, W, C)
@@ -319,6 +403,8 @@ LAYERS = [
         call_args=lambda x: (_x(x.shape[0], 5),),
         nnx_kwargs={"latent_features": 5},
     ),
+    Layer("DeformConv", {"features": F, "kernel_size": (3, 3), "offset_groups": 2, "use_mask": True}, _features_kernel),
+    Layer("DCNv3", {"channels": C, "kernel_size": (3, 3), "groups": 2}, lambda a: (a["channels"],)),
 ]
 LAYER_BY_NAME = {layer.name: layer for layer in LAYERS}
 
@@ -338,9 +424,8 @@ def nnx_model(layer: Layer, attributes: dict | None = None) -> nnx.Module:
     merged = {**layer.attributes, **(attributes or {})}
     positional = layer.nnx_positional(merged)
     parameters = inspect.signature(getattr(jn, layer.name).__init__).parameters
-    keywords = {
-        name: value for name, value in merged.items() if name not in ("features", "kernel_size") and name in parameters
-    }
+    given = ("channels",) if layer.name == "DCNv3" else ("features", "kernel_size")  # positionally
+    keywords = {name: value for name, value in merged.items() if name not in given and name in parameters}
     if layer.name == "BranchMixConv":
         keywords.pop("num_branches", None)
     elif layer.name in ("CondConv", "DynamicConv"):
@@ -381,10 +466,12 @@ def _layer_mistakes(api: str, layer: Layer) -> None:
     add(entry, "non_array", "None inputs", call(None), TypeError, "inputs")
     add(entry, "non_array", "ragged inputs", call(RAGGED), TypeError, "inputs")
     add(entry, "option", "padding", build(padding="FULL"), ValueError, "padding")
-    add(entry, "size", "features 0", build(features=0), ValueError, "features")
+    size = "channels" if layer.name == "DCNv3" else "features"
+    add(entry, "size", f"{size} 0", build(**{size: 0}), ValueError, size)
     add(entry, "size", "kernel_size 0", build(kernel_size=(3, 0)), ValueError, "kernel_size")
-    if layer.name != "ModulatedConv":
+    if layer.name not in ("ModulatedConv", "DeformConv", "DCNv3"):
         add(entry, "option", "method", build(method="fastest"), ValueError, "method")
+    if layer.name != "ModulatedConv":
         add(entry, "size", "strides 0", build(strides=0), ValueError, "strides")
     if layer.name == "BranchMixConv":
         add(entry, "size", "num_branches 0", build(num_branches=0), ValueError, "num_branches")
@@ -443,12 +530,35 @@ def _layer_mistakes(api: str, layer: Layer) -> None:
         add(entry, "size", "empty filter", build(up=2, resample_filter=()), ValueError, "resample_filter")
         add(entry, "size", "lr_multiplier 0", build(lr_multiplier=0.0), ValueError, "lr_multiplier")
 
+    if layer.name == "DeformConv":
+        _deform_conv_layer_mistakes(api, entry, apply, build)
+    if layer.name == "DCNv3":
+        add(entry, "size", "groups 0", build(groups=0), ValueError, "groups")
+        add(entry, "size", "groups 3 for 4 channels", build(groups=3), ValueError, "channels")
+        add(entry, "size", "dw_kernel_size even", build(dw_kernel_size=4), ValueError, "dw_kernel_size")
+        add(entry, "size", "offset_scale 0", build(offset_scale=0.0), ValueError, "offset_scale")
+        add(entry, "option", "norm", build(norm="group"), ValueError, "norm")
+        add(entry, "option", "activation str", build(activation="gelu"), TypeError, "activation")
+        add(
+            entry,
+            "option",
+            "center_feature_scale",
+            build(center_feature_scale="yes"),
+            TypeError,
+            "center_feature_scale",
+        )
+        # InternImage's module predicts offsets at the input's size: the sampling grid must keep it.
+        for change in ({"strides": 2}, {"padding": 0}):
+            what = f"grid size with {change}"
+            add(entry, "shape", what, lambda change=change: apply(layer, X, attributes=change), ValueError, "strides")
+
     def empty() -> None:
         inputs = _x(0, H, W, C)
         extra = layer.call_args(inputs)
         if api == "linen":
             module = getattr(jl, layer.name)(**layer.attributes)
-            variables = module.init(KEY, X, *layer.call_args(X), **layer.call_kwargs)
+            # Under jit: op by op, each operation is a program of its own (a deformable layer's sampling has many).
+            variables = jax.jit(lambda: module.init(KEY, X, *layer.call_args(X), **layer.call_kwargs))()
 
             def loss(params: Any, inputs: jax.Array) -> jax.Array:
                 out, updates = module.apply(
@@ -485,6 +595,40 @@ def _layer_mistakes(api: str, layer: Layer) -> None:
             jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.BatchStat), before)
 
     EMPTY_BATCH[entry] = empty
+
+
+def _deform_conv_layer_mistakes(api: str, entry: str, apply: Callable, build: Callable) -> None:
+    """DeformConv's own: its offset groups, the offsets its attributes allow at the call, and, without
+    ``predict_offsets``, the offsets and mask the call passes."""
+    layer = LAYER_BY_NAME["DeformConv"]
+    add(entry, "size", "offset_groups 0", build(offset_groups=0), ValueError, "offset_groups")
+    add(entry, "option", "predict_offsets str", build(predict_offsets="yes"), TypeError, "predict_offsets")
+    add(entry, "option", "use_mask without predict_offsets", build(predict_offsets=False), ValueError, "use_mask")
+    # 4 channels in 3 offset groups: NNX knows C_in at construction, linen at the call.
+    channels_argument = "in_features" if api == "nnx" else "inputs"
+    add(entry, "channels", "3 offset groups", build(offset_groups=3), ValueError, channels_argument)
+    offsets = _x(B, H, W, 2 * 9 * 2)
+    add(entry, "shape", "offsets to a predicting layer", lambda: apply(layer, X, offsets), ValueError, "offsets")
+
+    def passing(*call: Any) -> Callable[[], object]:
+        """A layer without ``predict_offsets`` (torchvision's DeformConv2d), called with ``X`` and ``call``."""
+
+        def run() -> object:
+            if api == "linen":
+                module = jl.DeformConv(F, (3, 3), offset_groups=2, predict_offsets=False)
+                variables = jax.eval_shape(module.init, KEY, X, offsets)
+                return jax.eval_shape(lambda v: module.apply(v, X, *call), variables)
+            model = jn.DeformConv(C, F, (3, 3), offset_groups=2, predict_offsets=False, rngs=nnx.Rngs(0))
+            return model(X, *call)
+
+        return run
+
+    add(entry, "shape", "no offsets without predict_offsets", passing(), ValueError, "offsets")
+    add(entry, "shape", "offsets size", passing(_x(B, H - 1, W, 36)), ValueError, "offsets")
+    add(entry, "shape", "mask taps", passing(offsets, _x(B, H, W, 20)), ValueError, "mask")
+    add(entry, "dtype", "int offsets", passing(offsets.astype(np.int32)), TypeError, "offsets")
+    add(entry, "non_array", "str offsets", passing("offsets"), TypeError, "offsets")
+    add(entry, "non_array", "ragged mask", passing(offsets, RAGGED), TypeError, "mask")
 
 
 for _api in ("linen", "nnx"):
@@ -845,6 +989,31 @@ def _interop_mistakes() -> None:
         ValueError,
         "features",
     )
+    add(
+        "interop.deform_conv_rules",
+        "size",
+        "features 0",
+        lambda: interop.deform_conv_rules(features=0, in_features=C, in_features_per_group=C, kernel_size=(3, 3)),
+        ValueError,
+        "features",
+    )
+    dcnv3_sizes = {"dw_kernel_size": (3, 3), "offset_features": 36, "mask_features": 18, "groups": 2}
+    add(
+        "interop.dcnv3_rules",
+        "size",
+        "channels 0",
+        lambda: interop.dcnv3_rules(channels=0, **dcnv3_sizes),
+        ValueError,
+        "channels",
+    )
+    add(
+        "interop.dcnv3_rules",
+        "option",
+        "norm",
+        lambda: interop.dcnv3_rules(channels=C, norm="LN", **dcnv3_sizes),
+        ValueError,
+        "norm",
+    )
     # Written out per entry point: each category these take no value of, and why.
     not_applicable = {
         "rules_for": ("rank", "shape", "channels", "dtype", "size", "empty_batch"),
@@ -864,9 +1033,11 @@ def _interop_mistakes() -> None:
         "cond_conv_rules",
         "dynamic_conv_rules",
         "modulated_conv_rules",
+        "deform_conv_rules",
     ):
         not_applicable[name] = ("rank", "shape", "channels", "dtype", "non_array", "option", "empty_batch")
     not_applicable["od_conv_rules"] = ("rank", "shape", "channels", "dtype", "non_array", "size", "empty_batch")
+    not_applicable["dcnv3_rules"] = ("rank", "shape", "channels", "dtype", "non_array", "empty_batch")
     reasons = {
         "flax_from_torch": "the converters go through it: their state-dict rows above are its",
         "torch_from_flax": "the converters go through it: their variables rows above are its",
