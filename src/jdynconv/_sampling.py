@@ -85,30 +85,24 @@ def _sample_fwd(table, rows, weights):
 
 def _sample_bwd(residuals, cotangent):
     """The table's cotangent is a scatter-add of whole rows; the weights' (from which autodiff goes on to
-    the positions and the mask) are the cotangent's dot products with each corner's values."""
+    the positions and the mask) are the cotangent's dot products with each corner's values.
+
+    One corner of one tap at a time, in a loop: XLA:CPU would otherwise gather every corner, and make every
+    corner's update, before the first scatter (its scheduler ignores optimisation barriers), holding
+    ``2 * T * 2**N`` sample-sized arrays at once (the op's peak memory was 10x its sampled columns).
+    """
     table, rows, weights = residuals
+    columns = rows.shape[1] * rows.shape[2]
 
-    def tap(grad_table: jax.Array, tap_args: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        rows, weights = tap_args
-        grad_weights = jnp.stack(
-            [
-                jnp.sum(cotangent * _gather(table, rows[:, corner]), axis=-1, dtype=weights.dtype)
-                for corner in range(rows.shape[-1])
-            ],
-            axis=-1,
-        )
-        updates = weights.astype(table.dtype)[:, :, None] * cotangent[:, None, :]
-        grad_table = grad_table.at[rows.reshape(-1)].add(updates.reshape(-1, table.shape[-1]), mode="promise_in_bounds")
-        return grad_table, grad_weights
+    def corner(grad_table: jax.Array, column: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        rows, weights = column
+        grad_weights = jnp.sum(cotangent * _gather(table, rows), axis=-1, dtype=weights.dtype)
+        updates = weights[:, None].astype(table.dtype) * cotangent
+        return grad_table.at[rows].add(updates, mode="promise_in_bounds"), grad_weights
 
-    grad_table, grad_weights = tap(jnp.zeros_like(table), (rows[:, 0], weights[:, 0]))
-    grad_weights = grad_weights[:, None]
-    if rows.shape[1] > 1:
-        grad_table, rest = lax.scan(
-            tap, grad_table, (jnp.swapaxes(rows[:, 1:], 0, 1), jnp.swapaxes(weights[:, 1:], 0, 1))
-        )
-        grad_weights = jnp.concatenate([grad_weights, jnp.swapaxes(rest, 0, 1)], axis=1)
-    return grad_table, None, grad_weights
+    by_column = [a.reshape(a.shape[0], columns).T for a in (rows, weights)]
+    grad_table, grad_weights = lax.scan(corner, jnp.zeros_like(table), by_column)
+    return grad_table, None, grad_weights.T.reshape(weights.shape)
 
 
 _sample.defvjp(_sample_fwd, _sample_bwd)
