@@ -379,12 +379,6 @@ def test_mmcv_offset_channels_are_offsets_then_mask(assert_close: AssertClose) -
     assert_close(full, 0.5 * plain, "mask 0.5")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="jdynconv's DCNv3 uses flax's BatchNorm, whose running variance is the biased batch variance; PyTorch's "
-    "(InternImage's nn.BatchNorm2d) is the unbiased one (n / (n - 1) apart): the layer has no unbiased_running_var",
-)
 def test_dcnv3_batch_norm_running_var(assert_close: AssertClose) -> None:
     case = BY_NAME["dcnv3_batch_norm_train_dilation2_silu"]
     inputs, cotangent = _arrays(case)

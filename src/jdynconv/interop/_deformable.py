@@ -42,7 +42,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-from flax import nnx
 
 from jdynconv import linen as jdc_linen
 from jdynconv import nnx as jdc_nnx
@@ -73,6 +72,7 @@ from jdynconv.interop._rules import (
     linear_rules,
 )
 from jdynconv.linen import deformable
+from jdynconv.nnx import deformable as jdc_nnx_deformable
 
 NORMS = ("layer", "batch")
 
@@ -356,7 +356,7 @@ def _nnx_dcnv3_rules(model: jdc_nnx.DCNv3, shapes: FlaxShapes) -> list[Rule]:
         offset_features=model.groups * geometry.taps * len(geometry.kernel_size),
         mask_features=model.groups * geometry.taps,
         groups=model.groups,
-        norm="batch" if isinstance(model.dw_norm, nnx.BatchNorm) else "layer",
+        norm="batch" if isinstance(model.dw_norm, jdc_nnx_deformable.TorchBatchNorm) else "layer",
         center_feature_scale=model.center_feature_scale_proj is not None,
     )
 

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdynconv import _checks
+from jdynconv import _batch_norm, _checks
 from jdynconv._dcnv3 import dcnv3
 from jdynconv._deform import deform_conv
-from jdynconv._dtypes import promote_dtype
-from jdynconv.linen._common import Dtype, Initializer, default_kernel_init, zeros
+from jdynconv._dtypes import canonicalize_dtype, promote_dtype
+from jdynconv.linen._common import Dtype, Initializer, default_kernel_init, ones, zeros
 
 
 def exact_gelu(x: jax.Array) -> jax.Array:
@@ -41,6 +41,70 @@ NORMS = ("layer", "batch")
 LAYER_NORM_EPSILON = 1e-6
 BATCH_NORM_EPSILON = 1e-5
 BATCH_NORM_MOMENTUM = 0.9
+
+
+def torch_batch_norm(
+    inputs: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    *,
+    training: bool,
+    axis_name: str | tuple[str, ...] | None,
+    dtype: Dtype | None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """``nn.BatchNorm2d`` (InternImage's ``"BN"``) over the last axis: the output and, when ``training`` on a
+    non-empty batch, the new running ``(mean, var)`` (None otherwise: they stay as they are).
+
+    :func:`jdynconv._batch_norm.batch_norm` with PyTorch's running statistics: the running variance moves
+    towards the unbiased batch variance (``n / (n - 1)`` times Flax's biased one); the batch is normalised by
+    the biased one, as both do. Momentum and epsilon are ``nn.BatchNorm2d``'s defaults. The statistics are
+    computed in at least float32 from the inputs as given and the result cast to the dtype Flax's BatchNorm
+    gives (``dtype``, else the inputs' and parameters' promoted). An empty batch has no statistics to
+    normalise by or learn from: it is normalised by the running ones, which stay as they were (PyTorch's
+    BatchNorm on a batch of size 0).
+    """
+    out_dtype = canonicalize_dtype(inputs, scale, bias, dtype=dtype)
+    training = training and inputs.shape[0] > 0
+    norm = _batch_norm.NormConfig(BATCH_NORM_MOMENTUM, BATCH_NORM_EPSILON, True, axis_name)
+    values = inputs.astype(_batch_norm.statistics_dtype(inputs.dtype))
+    out, stats = _batch_norm.batch_norm(values, scale, bias, mean, var, training=training, norm=norm)
+    return out.astype(out_dtype), (stats if training else None)
+
+
+class TorchBatchNorm(nn.Module):
+    """DCNv3's ``norm="batch"``: :func:`torch_batch_norm` with Flax's BatchNorm variables (``params``
+    ``scale``, ``bias``; ``batch_stats`` ``mean``, ``var``, float32), so that a model keeps PyTorch's running
+    statistics. As ``flax.linen.BatchNorm``, no collective over ``axis_name`` while initialising (which runs
+    outside the ``shard_map``) and no running-statistics update either."""
+
+    use_running_average: bool
+    axis_name: str | tuple[str, ...] | None = None
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        features = (inputs.shape[-1],)
+        scale = self.param("scale", ones, features, self.param_dtype)
+        bias = self.param("bias", zeros, features, self.param_dtype)
+        mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        initializing = self.is_initializing()
+        out, stats = torch_batch_norm(
+            inputs,
+            scale,
+            bias,
+            mean.value,
+            var.value,
+            training=not self.use_running_average,
+            axis_name=None if initializing else self.axis_name,
+            dtype=self.dtype,
+        )
+        if stats is not None and not initializing:
+            mean.value, var.value = stats
+        return out
 
 
 def check_bool(name: str, value: Any) -> None:
@@ -487,6 +551,8 @@ class DCNv3(nn.Module):
       activation: applied after ``dw_norm`` (default :func:`exact_gelu`: PyTorch's ``nn.GELU()``).
       norm: ``"layer"`` (LayerNorm, epsilon 1e-6: InternImage's ``"LN"``) or ``"batch"`` (BatchNorm with
         ``nn.BatchNorm2d``'s defaults: epsilon 1e-5, momentum 0.1, i.e. Flax's 0.9; InternImage's ``"BN"``).
+        The BatchNorm keeps PyTorch's running statistics: its running variance moves towards the unbiased
+        batch variance (Flax's BatchNorm: the biased one), so that a ported model trains as the original.
       center_feature_scale: mix the input projection back in per group with a learned sigmoid weight.
       remove_center: leave out the centre tap (odd kernel sizes).
       use_running_average: the BatchNorm's mode (``norm="batch"`` only); may instead be given at call time.
@@ -578,16 +644,7 @@ class DCNv3(nn.Module):
             dw_norm = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, use_fast_variance=False, **common, name="dw_norm")
         else:
             use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-            # An empty batch has no statistics: Flax's BatchNorm would store the mean of nothing (NaN).
-            dw_norm = nn.BatchNorm(
-                use_running_average=use_running_average or inputs.shape[0] == 0,
-                momentum=BATCH_NORM_MOMENTUM,
-                epsilon=BATCH_NORM_EPSILON,
-                axis_name=self.axis_name,
-                use_fast_variance=False,
-                **common,
-                name="dw_norm",
-            )
+            dw_norm = TorchBatchNorm(use_running_average, self.axis_name, **common, name="dw_norm")
         offset_inits = {"kernel_init": self.offset_kernel_init, "bias_init": self.offset_bias_init}
         proj_inits = {"kernel_init": self.kernel_init, "bias_init": self.bias_init}
         parts = DCNv3Parts(

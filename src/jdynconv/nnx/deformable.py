@@ -13,10 +13,8 @@ from flax import nnx
 from jdynconv import _checks
 from jdynconv._deform import deform_conv
 from jdynconv._dtypes import promote_dtype
-from jdynconv.linen._common import Dtype, Initializer, default_kernel_init, zeros
+from jdynconv.linen._common import Dtype, Initializer, default_kernel_init, ones, zeros
 from jdynconv.linen.deformable import (
-    BATCH_NORM_EPSILON,
-    BATCH_NORM_MOMENTUM,
     LAYER_NORM_EPSILON,
     DCNv3Parts,
     check_dcnv3_config,
@@ -28,6 +26,7 @@ from jdynconv.linen.deformable import (
     exact_gelu,
     offset_channels,
     split_offset_conv,
+    torch_batch_norm,
     xavier_uniform,
 )
 from jdynconv.nnx._common import spatial_kernel_size
@@ -178,11 +177,48 @@ def _offset_conv_padding(
     )
 
 
+class TorchBatchNorm(nnx.Module):
+    """The NNX twin of :class:`jdynconv.linen.deformable.TorchBatchNorm`, DCNv3's ``norm="batch"``: ``scale``,
+    ``bias`` (``nnx.Param``), ``mean``, ``var`` (``nnx.BatchStat``, float32), as ``nnx.BatchNorm``'s, with
+    PyTorch's running statistics. The mode is the call's (the DCNv3 holds ``use_running_average``)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        axis_name: str | tuple[str, ...] | None = None,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        self.axis_name = axis_name
+        self.dtype = dtype
+        self.scale = nnx.Param(ones(rngs.params(), (num_features,), param_dtype))
+        self.bias = nnx.Param(zeros(rngs.params(), (num_features,), param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+    def __call__(self, inputs: jax.Array, *, training: bool) -> jax.Array:
+        out, stats = torch_batch_norm(
+            inputs,
+            self.scale[...],
+            self.bias[...],
+            self.mean[...],
+            self.var[...],
+            training=training,
+            axis_name=self.axis_name,
+            dtype=self.dtype,
+        )
+        if stats is not None:
+            self.mean[...], self.var[...] = stats
+        return out
+
+
 class DCNv3(nnx.Module):
     """The NNX twin of :class:`jdynconv.linen.DCNv3` (see it for the maths and every attribute): the same
     variables under the same names (``input_proj``, ``offset``, ``mask``, ``output_proj``,
     ``center_feature_scale_proj`` ``nnx.Linear``; ``dw_conv`` an ``nnx.Conv``; ``dw_norm`` an
-    ``nnx.LayerNorm`` or ``nnx.BatchNorm``).
+    ``nnx.LayerNorm`` or a :class:`TorchBatchNorm`).
 
     Every argument not described here is the linen layer's attribute of the same name.
 
@@ -275,16 +311,7 @@ class DCNv3(nnx.Module):
                 channels, epsilon=LAYER_NORM_EPSILON, use_fast_variance=False, **common, rngs=rngs
             )
         else:
-            self.dw_norm = nnx.BatchNorm(
-                channels,
-                use_running_average=use_running_average,
-                momentum=BATCH_NORM_MOMENTUM,
-                epsilon=BATCH_NORM_EPSILON,
-                axis_name=axis_name,
-                use_fast_variance=False,
-                **common,
-                rngs=rngs,
-            )
+            self.dw_norm = TorchBatchNorm(channels, axis_name=axis_name, **common, rngs=rngs)
         self.offset = nnx.Linear(channels, groups * taps * num_spatial, **offset_inits, **dense)
         self.mask = nnx.Linear(channels, groups * taps, **offset_inits, **dense)
         self.output_proj = nnx.Linear(channels, channels, **proj_inits, **dense)
@@ -304,13 +331,11 @@ class DCNv3(nnx.Module):
         _checks.check_layer_inputs(inputs, self.channels, 1, len(self.geometry.kernel_size))
         check_dcnv3_output_size(inputs.shape[1:-1], self.geometry)
         dw_norm: Callable[[jax.Array], jax.Array] = self.dw_norm
-        if isinstance(self.dw_norm, nnx.BatchNorm):
+        if isinstance(self.dw_norm, TorchBatchNorm):
             use_running_average = self.use_running_average if use_running_average is None else use_running_average
-            # An empty batch has no statistics: Flax's BatchNorm would store the mean of nothing (NaN).
-            frozen = use_running_average or inputs.shape[0] == 0
 
             def dw_norm(x: jax.Array) -> jax.Array:
-                return self.dw_norm(x, use_running_average=frozen)
+                return self.dw_norm(x, training=not use_running_average)
 
         parts = DCNv3Parts(
             input_proj=self.input_proj,
