@@ -18,10 +18,8 @@ cotangent)`` w.r.t. the inputs (torchvision's: also the offsets and the mask) an
 ``offset``/``mask``, which would sample the regular grid only), at a scale that moves the sampling points by about
 a pixel, so that they fall between pixels and some outside the map.
 
-DCNv3 with BatchNorm runs in training mode (batch statistics, running statistics updated). Its running mean is
-compared; its running variance is not the original's: jdynconv's DCNv3 uses ``flax``'s BatchNorm, which stores the
-biased batch variance where PyTorch stores the unbiased one (``test_dcnv3_batch_norm_running_var``, an expected
-failure until the layer can keep PyTorch's convention).
+DCNv3 with BatchNorm runs in training mode (batch statistics, running statistics updated): its running mean and
+its running variance (PyTorch's unbiased one, ``test_dcnv3_batch_norm_running_var``) are compared.
 """
 
 from __future__ import annotations
@@ -308,8 +306,7 @@ def check(actual: Results, expected: Results, label: str, assert_close: AssertCl
     for key, value in expected.params.items():
         assert_close(actual.params[key], value, f"{label}: d/d {key}")
     for key, value in expected.stats.items():
-        if not key.endswith("running_var"):  # running_var: see test_dcnv3_batch_norm_running_var
-            assert_close(actual.stats[key], value, f"{label}: {key}")
+        assert_close(actual.stats[key], value, f"{label}: {key}")
 
 
 def _state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ in the port's channels-last layout); mmcv's Packs predict them (``conv_offset``,
 sampling is off the grid); InternImage's ``DCNv3_pytorch`` is channels-last on both sides, its ``act_layer`` and
 ``norm_layer`` read off the types of ``dw_conv``'s children. Their eval outputs are compared, linen and NNX in one
 jitted program; ``parity/test_deformable_interop.py`` compares every gradient, and DCNv3's BatchNorm in training
-mode (its running mean: jdynconv's DCNv3 keeps flax's biased running variance, an expected failure there).
+mode with its running statistics.
 """
 
 from __future__ import annotations
