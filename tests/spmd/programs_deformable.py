@@ -1,11 +1,12 @@
 """Run in a subprocess with 8 forced CPU devices (see tests/spmd/launch.py): deformable convolution with the
 batch split over the devices.
 
-Cases: ``deform_conv`` (both layouts, mask on and off) and ``dcnv3``, forward and VJP w.r.t. every argument in
-one program, with every batched argument sharded; one SGD training step of each deformable layer (linen and NNX) with the
-parameters replicated. For every case: the bytes produced by all-gather / all-to-all / collective-permute in the
-per-device program (``moved``), the largest all-reduced array against the largest variable (training steps),
-and the largest difference from the same program on one device (``error``, as tests/spmd/programs_conv.py).
+Cases: ``deform_conv`` (both layouts, mask on and off) and ``dcnv3``, forward and VJP w.r.t. every argument
+in one program, with every batched argument sharded; one SGD training step of each deformable layer (linen and
+NNX) with the parameters replicated. For every case: the bytes produced by all-gather / all-to-all /
+collective-permute in the per-device program (``moved``), the largest all-reduced array against the largest
+variable (training steps), and the largest difference from the same program on one device (``error``, as
+tests/spmd/programs_conv.py).
 A control: the sampling primitive called without the batch-parallel wrapper. Prints ``REPORT <json>``.
 """
 

@@ -10,6 +10,7 @@ relative to each result's largest magnitude (``error``). Prints ``REPORT <json>`
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -87,15 +88,28 @@ def linen_step(module: nn.Module, axis_name: str | None = None) -> Callable[...,
     return step
 
 
+@functools.cache
 def inputs() -> jax.Array:
+    """The batch, drawn once for every case."""
     return jax.random.normal(jax.random.key(0), (BATCH, SIZE, SIZE, CHANNELS))
 
 
-def linen_state(module: nn.Module) -> tuple[Any, Any, Any]:
-    kwargs = {"use_running_average": False} if isinstance(module, STATEFUL) else {}
-    variables = module.init(jax.random.key(1), inputs()[:2], **kwargs)
-    params, stats = variables["params"], variables.get("batch_stats", {})
-    return params, stats, TX.init(params)
+def linen_states(modules: dict[str, nn.Module]) -> dict[str, tuple[Any, Any, Any]]:
+    """Each module's parameters, statistics and optimizer state, all initialised by one compiled program.
+
+    Run eagerly, ``init`` compiled every operation of every layer on its own (the subprocess has no compilation
+    cache), 40% of this program's time; one program a module would pay XLA's fixed cost of a compilation 15
+    times."""
+
+    def init(key: jax.Array, x: jax.Array) -> dict[str, Any]:
+        variables = {}
+        for name, module in modules.items():
+            kwargs = {"use_running_average": False} if isinstance(module, STATEFUL) else {}
+            variables[name] = module.init(key, x, **kwargs)
+        return variables
+
+    initialised = jax.jit(init)(jax.random.key(1), inputs()[:2])
+    return {name: (v["params"], v.get("batch_stats", {}), TX.init(v["params"])) for name, v in initialised.items()}
 
 
 def case(
@@ -103,19 +117,51 @@ def case(
     state: tuple[Any, ...],
     sharded_x: jax.Array,
     place: Callable[[Any], Any],
-    expected: Any = None,
+    expected: Any,
 ) -> dict:
     """The step with replicated ``state`` (placed by ``place``) and the sharded batch, against ``expected``
-    (default: the step on one device)."""
+    (the step on one device)."""
     compiled = jax.jit(step).lower(*place(state), sharded_x).compile()
     variables = jax.tree.leaves(state[:2])
-    expected = jax.jit(step)(*state, inputs()) if expected is None else expected
     return {
         "moved": moved_bytes(compiled),
         "largest_reduced": max((c.largest for c in reduced_arrays(compiled)), default=0),
         "largest_variable": max(v.size for v in variables),
         "error": relative_error(compiled(*place(state), sharded_x), expected),
     }
+
+
+def nnx_step(graphdef: Any) -> Callable[..., Any]:
+    """``(params, rest, x) -> (params, batch statistics, loss)``: one SGD step of the model ``graphdef`` describes."""
+
+    def step(params: Any, rest: Any, x: jax.Array) -> Any:
+        model = nnx.merge(graphdef, params, rest)
+        loss, grads = nnx.value_and_grad(lambda model: jnp.mean(jnp.square(model(x) - 0.5)))(model)
+        new_params = jax.tree.map(lambda p, g: p - 0.1 * g, nnx.state(model, nnx.Param), grads)
+        return new_params, nnx.state(model, nnx.BatchStat), loss
+
+    return step
+
+
+@nnx.jit
+def nnx_models() -> dict[str, nnx.Module]:
+    """The NNX models, built by one compiled program (built eagerly, every operation compiled on its own)."""
+    return {
+        "CondConv": jn.CondConv(CHANNELS, CHANNELS, (3, 3), 4, rngs=nnx.Rngs(1)),
+        "BranchMixConv": jn.BranchMixConv(CHANNELS, CHANNELS, 3, 4, input_shape=(SIZE, SIZE), rngs=nnx.Rngs(1)),
+        # One expert, one tap: XLA's shared conv with both attentions on the activations.
+        "ODConv 1x1": jn.ODConv(CHANNELS, CHANNELS, (1, 1), 1, rngs=nnx.Rngs(1)),
+    }
+
+
+# Inside the caller's shard_map: BatchNorm combines its statistics over `axis_name`. Each is a LINEN layer
+# with `axis_name`, and its reference is that layer's step on one device.
+SHARD_MAP: dict[str, nn.Module] = {
+    "BranchMixConv fused": jl.BranchMixConv(CHANNELS, 3, 4, axis_name="data", method="fused"),
+    "BranchMixConv chunked": jl.BranchMixConv(CHANNELS, 3, 4, axis_name="data", method="chunked"),
+    "BranchMixConv remat": jl.BranchMixConv(CHANNELS, 3, 4, axis_name="data", remat=True),
+    "ODConv": jl.ODConv(CHANNELS, 3, 4, axis_name="data"),
+}
 
 
 def main() -> None:
@@ -125,32 +171,31 @@ def main() -> None:
     data = Mesh(devices, ("data",))
     replicate = lambda tree: jax.device_put(tree, NamedSharding(data, PartitionSpec()))  # noqa: E731
     x = jax.device_put(inputs(), NamedSharding(data, PartitionSpec("data")))
-    one_device = {}  # each linen layer's step on one device, the reference of every sharding mode below
+    states = linen_states(LINEN)
+    shard_map_states = linen_states({f"shard_map {name}": module for name, module in SHARD_MAP.items()})
+    nnx_steps, nnx_states = {}, {}
+    for name, model in nnx_models().items():
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        nnx_steps[name], nnx_states[name] = nnx_step(graphdef), (params, rest)
+
+    # Every step on one device, the references of every sharding mode below: one program computes them all
+    # (each is its own computation in it, on the same arguments as alone).
+    def references(states: dict[str, Any], nnx_states: dict[str, Any], x: jax.Array) -> dict[str, Any]:
+        linen = {name: linen_step(module)(*states[name], x) for name, module in LINEN.items()}
+        return linen, {name: nnx_steps[name](*nnx_states[name], x) for name in nnx_steps}
+
+    one_device, nnx_one_device = jax.jit(references)(states, nnx_states, inputs())
     for name, module in LINEN.items():
-        one_device[name] = jax.jit(linen_step(module))(*linen_state(module), inputs())
-        report[f"linen {name}"] = case(linen_step(module), linen_state(module), x, replicate, one_device[name])
+        report[f"linen {name}"] = case(linen_step(module), states[name], x, replicate, one_device[name])
 
     # NNX: the same maths behind the other wrapper.
-    for name, model in {
-        "CondConv": jn.CondConv(CHANNELS, CHANNELS, (3, 3), 4, rngs=nnx.Rngs(1)),
-        "BranchMixConv": jn.BranchMixConv(CHANNELS, CHANNELS, 3, 4, input_shape=(SIZE, SIZE), rngs=nnx.Rngs(1)),
-        # One expert, one tap: XLA's shared conv with both attentions on the activations.
-        "ODConv 1x1": jn.ODConv(CHANNELS, CHANNELS, (1, 1), 1, rngs=nnx.Rngs(1)),
-    }.items():
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-        def nnx_step(params: Any, rest: Any, x: jax.Array, graphdef: Any = graphdef) -> Any:
-            model = nnx.merge(graphdef, params, rest)
-            loss, grads = nnx.value_and_grad(lambda model: jnp.mean(jnp.square(model(x) - 0.5)))(model)
-            new_params = jax.tree.map(lambda p, g: p - 0.1 * g, nnx.state(model, nnx.Param), grads)
-            return new_params, nnx.state(model, nnx.BatchStat), loss
-
-        report[f"nnx {name}"] = case(nnx_step, (params, rest), x, replicate)
+    for name, step in nnx_steps.items():
+        report[f"nnx {name}"] = case(step, nnx_states[name], x, replicate, nnx_one_device[name])
 
     def two_layers(mode: str, x: jax.Array, place: Callable[[Any], Any]) -> None:
         for name in ("CondConv mix_kernels", "BranchMixConv chunked"):
             module = LINEN[name]
-            report[f"{mode} {name}"] = case(linen_step(module), linen_state(module), x, place, one_device[name])
+            report[f"{mode} {name}"] = case(linen_step(module), states[name], x, place, one_device[name])
 
     # A 2-D mesh: the batch over "data", replicated over "model".
     data_model = Mesh(devices.reshape(4, 2), ("data", "model"))
@@ -168,19 +213,14 @@ def main() -> None:
         )
 
     # Inside the caller's shard_map: BatchNorm combines its statistics over `axis_name`.
-    for name, module in (
-        ("BranchMixConv fused", jl.BranchMixConv(CHANNELS, 3, 4, axis_name="data", method="fused")),
-        ("BranchMixConv chunked", jl.BranchMixConv(CHANNELS, 3, 4, axis_name="data", method="chunked")),
-        ("BranchMixConv remat", jl.BranchMixConv(CHANNELS, 3, 4, axis_name="data", remat=True)),
-        ("ODConv", jl.ODConv(CHANNELS, 3, 4, axis_name="data")),
-    ):
+    for name, module in SHARD_MAP.items():
         local = jax.shard_map(
             linen_step(module, axis_name="data"),
             mesh=data,
             in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(), PartitionSpec("data")),
             out_specs=PartitionSpec(),
         )
-        state = linen_state(module)
+        state = shard_map_states[f"shard_map {name}"]
         compiled = jax.jit(local).lower(*replicate(state), x).compile()
         report[f"shard_map {name}"] = {
             "moved": moved_bytes(compiled),

@@ -6,7 +6,13 @@ import math
 
 import jax
 import numpy as np
-from trainer.data import IMAGE_SIZE, NUM_CLASSES, batch_for_step, make_batch
+from trainer import data
+from trainer.data import IMAGE_SIZE, NUM_CLASSES
+
+# The generators as the training loop runs them: compiled, one program a batch size (called eagerly, each of
+# their few dozen operations was compiled on its own).
+make_batch = jax.jit(data.make_batch, static_argnums=1)
+batch_for_step = jax.jit(data.batch_for_step, static_argnums=2)
 
 
 def test_shapes_and_dtypes() -> None:
