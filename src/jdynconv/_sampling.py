@@ -62,11 +62,13 @@ def _sample(table: jax.Array, rows: jax.Array, weights: jax.Array) -> jax.Array:
     ``(R, T, 2**N)`` rows and weights. Taps past the first are added in a loop (program size independent of
     T); the ``2**N`` corners of a tap are one fused gather-and-sum."""
 
+    compute = _compute_dtype(table.dtype)  # half-precision maps are summed in float32
+
     def tap(rows: jax.Array, weights: jax.Array) -> jax.Array:
-        weights = weights.astype(table.dtype)
-        out = weights[:, 0, None] * _gather(table, rows[:, 0])
+        weights = weights.astype(compute)
+        out = weights[:, 0, None] * _gather(table, rows[:, 0]).astype(compute)
         for corner in range(1, rows.shape[-1]):
-            out = out + weights[:, corner, None] * _gather(table, rows[:, corner])
+            out = out + weights[:, corner, None] * _gather(table, rows[:, corner]).astype(compute)
         return out
 
     out = tap(rows[:, 0], weights[:, 0])
@@ -76,7 +78,7 @@ def _sample(table: jax.Array, rows: jax.Array, weights: jax.Array) -> jax.Array:
             out,
             (jnp.swapaxes(rows[:, 1:], 0, 1), jnp.swapaxes(weights[:, 1:], 0, 1)),
         )
-    return out
+    return out.astype(table.dtype)
 
 
 def _sample_fwd(table, rows, weights):
@@ -93,16 +95,18 @@ def _sample_bwd(residuals, cotangent):
     """
     table, rows, weights = residuals
     columns = rows.shape[1] * rows.shape[2]
+    compute = _compute_dtype(table.dtype)  # a half-precision map's cotangent is accumulated in float32
+    cotangent = cotangent.astype(compute)
 
     def corner(grad_table: jax.Array, column: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         rows, weights = column
-        grad_weights = jnp.sum(cotangent * _gather(table, rows), axis=-1, dtype=weights.dtype)
-        updates = weights[:, None].astype(table.dtype) * cotangent
-        return grad_table.at[rows].add(updates, mode="promise_in_bounds"), grad_weights
+        grad_weights = jnp.sum(cotangent * _gather(table, rows).astype(compute), axis=-1)
+        updates = weights[:, None].astype(compute) * cotangent
+        return grad_table.at[rows].add(updates, mode="promise_in_bounds"), grad_weights.astype(weights.dtype)
 
     by_column = [a.reshape(a.shape[0], columns).T for a in (rows, weights)]
-    grad_table, grad_weights = lax.scan(corner, jnp.zeros_like(table), by_column)
-    return grad_table, None, grad_weights.T.reshape(weights.shape)
+    grad_table, grad_weights = lax.scan(corner, jnp.zeros(table.shape, compute), by_column)
+    return grad_table.astype(table.dtype), None, grad_weights.T.reshape(weights.shape)
 
 
 _sample.defvjp(_sample_fwd, _sample_bwd)
@@ -118,19 +122,21 @@ def _padded_spatial(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _table(inputs: jax.Array) -> jax.Array:
-    """``(B * prod(padded spatial) * G, Cg)``: the zero-padded map, one row per pixel and group.
+    """``(B * prod(padded spatial) * G + 1, Cg)``: the zero-padded map, one row per pixel and group, and a
+    last row of zeros.
 
     Row ``(b * L + l) * G + g`` holds pixel ``l`` (row-major over the padded map) of sample ``b``, group ``g``.
-    A plain row gather/scatter on this table is many times faster on XLA:CPU than the same one with batch
-    dimensions.
+    Points outside the map read the last row, so they read no pixel (an infinite pixel times a zero weight
+    would be NaN). A plain row gather/scatter on this table is many times faster on XLA:CPU than the same
+    one with batch dimensions.
     """
     num_spatial = inputs.ndim - 3
     padded = jnp.pad(inputs, ((0, 0), *((1, 1),) * num_spatial, (0, 0), (0, 0)))
-    return padded.reshape(-1, inputs.shape[-1])
+    return jnp.pad(padded.reshape(-1, inputs.shape[-1]), ((0, 1), (0, 0)))
 
 
 def _untable(table: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    padded = table.reshape(shape[0], *_padded_spatial(shape), *shape[-2:])
+    padded = table[:-1].reshape(shape[0], *_padded_spatial(shape), *shape[-2:])
     return padded[(slice(None), *(slice(1, -1) for _ in shape[1:-2]))]
 
 
@@ -149,12 +155,19 @@ def _corners(positions: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, j
       rows ``(B, *points, G, 2**N)`` int32 and weights ``(B, *points, G, 2**N)`` in at least float32,
       corners in row-major order of the ``(2,) * N`` cube. The weights are the multilinear ones with the
       corners held at ``floor(p)`` (their derivative is the one from above at an integer coordinate). A
-      point whose cube leaves the padded map (every corner outside the map) gets zero weights, and rows
-      clipped into its sample's part of the table.
+      point whose cube leaves the padded map (every corner outside the map, or an infinite coordinate) reads
+      the table's row of zeros with zero weights; a NaN coordinate reads it with NaN weights (a NaN sample,
+      as the definition gives).
     """
     batch, groups = shape[0], shape[-2]
     padded = _padded_spatial(shape)
     num_spatial = len(padded)
+    outside_row = batch * math.prod(padded) * groups  # the table's last row, of zeros
+    if outside_row >= 2**31:
+        raise ValueError(
+            f"`inputs` of shape {tuple(shape[:-2])} with {groups} offset group(s) has {outside_row} pixel rows "
+            "after padding, more than int32 row indices address (2**31); split the batch."
+        )
     positions = positions.astype(_compute_dtype(positions.dtype))
     lower = lax.stop_gradient(jnp.floor(positions))
     fraction = positions - lower
@@ -173,5 +186,8 @@ def _corners(positions: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, j
     for bits in itertools.product((0, 1), repeat=num_spatial):
         rows.append(base + sum(bit * stride for bit, stride in zip(bits, strides, strict=True)) * groups)
         weights.append(math.prod(factors[bit][..., i] for i, bit in enumerate(bits)))
-    weights = jnp.where(inside[..., None], jnp.stack(weights, axis=-1), 0)
-    return jnp.stack(rows, axis=-1), weights
+    weights = jnp.stack(weights, axis=-1)
+    not_a_number = jnp.any(jnp.isnan(positions), axis=-1)
+    weights = jnp.where(inside[..., None], weights, jnp.where(not_a_number[..., None], jnp.nan, 0))
+    rows = jnp.where(inside[..., None], jnp.stack(rows, axis=-1), outside_row)
+    return rows, weights
