@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -271,6 +272,7 @@ add(DC, "shape", "mask taps", lambda: _deform(mask=_x(B, H, W, 10)), ValueError,
 add(DC, "shape", "bias", lambda: _deform(bias=_x(F + 1)), ValueError, "bias")
 add(DC, "channels", "NCHW inputs", lambda: _deform(inputs=_x(B, C, H, W)), ValueError, "kernel")
 add(DC, "channels", "3 offset groups", lambda: _deform(offsets=_x(B, H, W, 54)), ValueError, "offsets")
+add(DC, "channels", "0 channels", lambda: _deform(inputs=_x(B, H, W, 0), kernel=_x(3, 3, 0, F)), ValueError, "inputs")
 add(DC, "dtype", "int inputs", lambda: _deform(inputs=_x(B, H, W, C, dtype=np.int32)), TypeError, "inputs")
 add(DC, "dtype", "offsets float16", lambda: _deform(offsets=_x(B, H, W, 18, dtype=np.float16)), TypeError, "offsets")
 add(DC, "non_array", "None offsets", lambda: _deform(offsets=None), TypeError, "offsets")
@@ -313,6 +315,7 @@ add(V3, "rank", "offsets 3-D", lambda: _dcnv3(offsets=_x(B, H, 36)), ValueError,
 add(V3, "shape", "mask taps", lambda: _dcnv3(mask=_x(B, H, W, 19)), ValueError, "mask")
 add(V3, "channels", "5 channels", lambda: _dcnv3(inputs=_x(B, H, W, 5)), ValueError, "inputs")
 add(V3, "channels", "NCHW inputs", lambda: _dcnv3(inputs=_x(B, C, H, W)), ValueError, "offsets")
+add(V3, "channels", "0 channels", lambda: _dcnv3(inputs=_x(B, H, W, 0)), ValueError, "inputs")
 add(V3, "dtype", "int inputs", lambda: _dcnv3(inputs=_x(B, H, W, C, dtype=np.int32)), TypeError, "inputs")
 add(V3, "dtype", "mask float16", lambda: _dcnv3(mask=_x(B, H, W, 18, dtype=np.float16)), TypeError, "mask")
 add(V3, "non_array", "None mask", lambda: _dcnv3(mask=None), TypeError, "mask")
@@ -1096,3 +1099,29 @@ def test_mistake_raises_an_error_naming_the_argument(item: Mistake) -> None:
 @pytest.mark.parametrize("entry", sorted(EMPTY_BATCH))
 def test_empty_batch_gives_empty_outputs_and_gradients(entry: str) -> None:
     EMPTY_BATCH[entry]()
+
+
+ZERO_CHANNELS = [
+    (
+        lambda: _deform(inputs=_x(B, H, W, 0), kernel=_x(3, 3, 0, F)),
+        f"`inputs` (B, *spatial, C_in) must have C_in >= 1 channels, got shape ({B}, {H}, {W}, 0).",
+    ),
+    (
+        lambda: _deform(
+            inputs=_x(B, 0, H, W), offsets=_x(B, 18, H, W), kernel=_x(F, 0, 3, 3), data_format="channels_first"
+        ),
+        f"`inputs` (B, C_in, *spatial) must have C_in >= 1 channels, got shape ({B}, 0, {H}, {W}).",
+    ),
+    (
+        lambda: _dcnv3(inputs=_x(B, H, W, 0)),
+        f"`inputs` (B, *spatial, C) must have C >= 1 channels, got shape ({B}, {H}, {W}, 0).",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "message"), ZERO_CHANNELS, ids=["deform_conv", "deform_conv-NCHW", "dcnv3"])
+def test_zero_channels_is_an_error_with_the_shape(call: Callable[[], object], message: str) -> None:
+    """Inputs without channels: a ValueError naming the layout and the shape (not a ZeroDivisionError deeper in)."""
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        call()
+    assert str(info.value) == message

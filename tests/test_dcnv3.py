@@ -289,3 +289,17 @@ def test_other_float_dtypes_run_and_keep_their_dtype(dtype: str) -> None:
         assert out.dtype == jnp.dtype(dtype)
         expected = np.stack([[0.5, 1.5, 2.5, 3.5, 2.0], [1.0, 3.0, 5.0, 7.0, 4.0]], axis=-1)[None]
         np.testing.assert_array_equal(np.asarray(out, np.float64), expected)
+
+
+def test_forward_mode_is_a_type_error() -> None:
+    """The sampling is a ``jax.custom_vjp``: ``jax.jvp`` w.r.t. inputs, offsets or mask is JAX's TypeError, as the
+    docstring says (reverse mode is what the tests above check)."""
+    rng = np.random.default_rng(0)
+    args = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((1, 5, 2), (1, 5, 3), (1, 5, 3))]
+
+    def fn(inputs, offsets, mask):
+        return jdc.dcnv3(inputs, offsets, mask, kernel_size=3, padding=1)
+
+    for i in range(3):
+        with pytest.raises(TypeError, match=r"can't apply forward-mode autodiff \(jvp\) to a custom_vjp function"):
+            jax.jvp(lambda a, i=i: fn(*args[:i], a, *args[i + 1 :]), (args[i],), (jnp.ones_like(args[i]),))

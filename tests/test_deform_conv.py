@@ -415,3 +415,36 @@ def test_other_float_dtypes_run_and_keep_their_dtype(dtype: str) -> None:
         out = jax.jit(lambda x, o, k: jdc.deform_conv(x, o, k, data_format="channels_first"))(*args)
         assert out.dtype == jnp.dtype(dtype)
         np.testing.assert_array_equal(np.asarray(out, np.float64), [[[1.5, 4.5, 7.5, 10.5, 6.0]]])
+
+
+def test_offset_gradient_on_the_border_is_the_one_from_above() -> None:
+    """1-D, one channel, a 1-tap kernel, the docstring's border rule: at ``-1`` (value 0) the derivative from above
+    reads the first pixel (``v[0] - 0``, torchvision's), at ``size - 1`` it is ``0 - v[size - 1]``, and at ``size``
+    (value 0, both corners outside) it is 0."""
+    signal = jnp.asarray([2.0, 3.0, 5.0, 8.0, 12.0]).reshape(1, 5, 1)
+
+    def sampled(offsets: jax.Array) -> jax.Array:
+        return jdc.deform_conv(signal, offsets, jnp.ones((1, 1, 1))).sum()
+
+    grad = jax.jit(jax.grad(sampled))
+    np.testing.assert_array_equal(grad(jnp.full((1, 5, 1), -1.0)).ravel(), [2.0, 1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_array_equal(grad(jnp.full((1, 5, 1), 1.0)).ravel(), [2.0, 3.0, 4.0, -12.0, 0.0])
+
+
+def test_forward_mode_only_through_kernel_and_bias() -> None:
+    """The sampling is a ``jax.custom_vjp``: ``jax.jvp`` w.r.t. inputs, offsets or mask is JAX's TypeError, as the
+    docstring says; w.r.t. the kernel and the bias (linear) it is the op itself, without and with only the bias."""
+    rng = np.random.default_rng(0)
+    args = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((1, 6, 2), (1, 4, 3), (1, 4, 3), (3, 2, 4), (4,))]
+
+    def fn(inputs, offsets, mask, kernel, bias):
+        return jdc.deform_conv(inputs, offsets, kernel, bias, mask=mask)
+
+    for i in range(3):
+        with pytest.raises(TypeError, match=r"can't apply forward-mode autodiff \(jvp\) to a custom_vjp function"):
+            jax.jvp(lambda a, i=i: fn(*args[:i], a, *args[i + 1 :]), (args[i],), (jnp.ones_like(args[i]),))
+    tangent_kernel, tangent_bias = jnp.ones_like(args[3]), jnp.ones_like(args[4])
+    _, along_kernel = jax.jvp(lambda k: fn(*args[:3], k, args[4]), (args[3],), (tangent_kernel,))
+    np.testing.assert_allclose(along_kernel, fn(*args[:3], tangent_kernel, jnp.zeros_like(args[4])), rtol=1e-6)
+    _, along_bias = jax.jvp(lambda b: fn(*args[:4], b), (args[4],), (tangent_bias,))
+    np.testing.assert_array_equal(along_bias, jnp.ones((1, 4, 4)))

@@ -63,6 +63,17 @@ def dcnv3(
     Returns:
       ``(B, *out_spatial, C)``, ``out_spatial = (spatial + 2 * padding - kernel_dilation * (kernel_size - 1)
       - 1) // strides + 1``.
+
+    At an integer sampling coordinate (zero offsets with ``offset_scale=1``, the layer's initial state, put
+    every tap on a pixel) the derivative w.r.t. the offset is the one from above, as
+    :func:`jdynconv.deform_conv`'s. InternImage's ``dcnv3_core_pytorch`` computes the positions in
+    ``grid_sample``'s normalised coordinates on a float32 grid, whose rounding puts such a point on either side
+    of the pixel, so its offset gradient there can be either one-sided derivative; the outputs agree, and the
+    parity tests draw their offsets off the integers.
+
+    Derivatives are reverse mode (``jax.grad``, ``jax.vjp``, ``jax.jacrev``, grad of grad): the sampling is a
+    ``jax.custom_vjp``, so forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) w.r.t. ``inputs``,
+    ``offsets`` or ``mask`` is a TypeError; take their Hessian as ``jax.jacrev(jax.jacrev(f))``.
     """
     inputs = _checks.as_array("inputs", inputs)
     offsets = _checks.as_array("offsets", offsets)
@@ -79,6 +90,8 @@ def dcnv3(
     strides_t = _checks.canonicalize_ints(strides, num_spatial, "strides")
     pads_t = _checks.canonicalize_ints(padding, num_spatial, "padding", minimum=0)
     dilation_t = _checks.canonicalize_ints(kernel_dilation, num_spatial, "kernel_dilation")
+    if channels == 0:
+        raise ValueError(f"`inputs` (B, *spatial, C) must have C >= 1 channels, got shape {tuple(inputs.shape)}.")
     _checks.check_positive_int("groups", groups)
     if channels % groups:
         raise ValueError(f"`inputs` channels (={channels}) must be divisible by `groups` (={groups}).")

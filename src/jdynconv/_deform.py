@@ -73,9 +73,15 @@ def deform_conv(
       ``(B, *out_spatial, C_out)`` for ``"channels_last"``, ``(B, C_out, *out_spatial)`` for
       ``"channels_first"``, ``out_spatial`` as for a convolution with the same arguments.
 
-    At an integer sampling coordinate the derivative w.r.t. the offset is the one from above, and a point
-    exactly on the border (coordinate ``-1`` or ``size``: value 0) still gets the derivative from inside the
-    input, as torchvision's kernels do.
+    At an integer sampling coordinate the derivative w.r.t. the offset is the one from above, as torchvision's
+    kernels take it, on the border too: a point at coordinate ``-1`` (value 0) gets the derivative from the
+    first pixel inside the input, and a point at coordinate ``size`` (value 0, every corner outside) gets 0.
+
+    Derivatives are reverse mode (``jax.grad``, ``jax.vjp``, ``jax.jacrev``, grad of grad). Forward mode
+    (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) works w.r.t. ``kernel`` and ``bias`` only: the sampling is a
+    ``jax.custom_vjp``, so a tangent for ``inputs``, ``offsets`` or ``mask`` is a TypeError ("can't apply
+    forward-mode autodiff (jvp) to a custom_vjp function"); take their Hessian as
+    ``jax.jacrev(jax.jacrev(f))``.
     """
     config = _configure(
         inputs, offsets, kernel, bias, mask, strides, padding, kernel_dilation, feature_group_count, data_format
@@ -218,6 +224,8 @@ def _configure(
     else:
         batch, *spatial, in_channels = inputs.shape
         *kernel_size, group_in_channels, out_channels = kernel.shape
+    if in_channels == 0:
+        raise ValueError(f"`inputs` {input_layout} must have C_in >= 1 channels, got shape {tuple(inputs.shape)}.")
     kernel_size = tuple(kernel_size)
     _checks.check_positive_int("feature_group_count", feature_group_count)
     groups = int(feature_group_count)

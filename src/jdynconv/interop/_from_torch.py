@@ -118,7 +118,9 @@ def from_torch(
     Args:
       module: a PyTorch layer of a known class (:func:`known_torch_layers`): the seed's ``BranchMixConv`` block
         (``SeedModel``), timm's ``CondConv2d``, ``Dynamic_conv{1,2,3}d`` (Chen et al.), OSVAI's ``ODConv2d``,
-        StyleGAN2's ``SynthesisLayer`` and ``ToRGBLayer``.
+        StyleGAN2's ``SynthesisLayer`` and ``ToRGBLayer``, torchvision's ``DeformConv2d``, mmcv's
+        ``DeformConv2d``, ``ModulatedDeformConv2d``, ``DeformConv2dPack`` and ``ModulatedDeformConv2dPack``,
+        InternImage's ``DCNv3_pytorch`` and ``DCNv3``.
       api: ``"linen"`` or ``"nnx"``.
       rngs: NNX only: the model's random streams (``ModulatedConv``'s noise draws from ``rngs.noise``); default
         ``nnx.Rngs(0)``.
