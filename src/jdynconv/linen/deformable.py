@@ -23,6 +23,7 @@ from jdynconv._dcnv3 import dcnv3
 from jdynconv._deform import deform_conv
 from jdynconv._dtypes import canonicalize_dtype, promote_dtype
 from jdynconv.linen._common import Dtype, Initializer, default_kernel_init, ones, zeros
+from jdynconv.linen._depthwise import DepthwiseConv
 
 
 def exact_gelu(x: jax.Array) -> jax.Array:
@@ -649,14 +650,13 @@ class DCNv3(nn.Module):
         proj_inits = {"kernel_init": self.kernel_init, "bias_init": self.bias_init}
         parts = DCNv3Parts(
             input_proj=nn.Dense(channels, **proj_inits, **dense, name="input_proj"),
-            dw_conv=nn.Conv(
+            dw_conv=DepthwiseConv(
                 channels,
                 geometry.dw_kernel_size,
-                padding=geometry.dw_padding,
-                feature_group_count=channels,
+                geometry.dw_padding,
                 kernel_init=self.dw_kernel_init,
                 bias_init=self.dw_bias_init,
-                **dense,
+                **common,
                 name="dw_conv",
             ),
             dw_norm=dw_norm,

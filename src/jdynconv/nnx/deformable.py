@@ -30,6 +30,7 @@ from jdynconv.linen.deformable import (
     xavier_uniform,
 )
 from jdynconv.nnx._common import spatial_kernel_size
+from jdynconv.nnx._depthwise import DepthwiseConv
 
 
 class DeformConv(nnx.Module):
@@ -296,15 +297,14 @@ class DCNv3(nnx.Module):
         offset_inits = {"kernel_init": offset_kernel_init, "bias_init": offset_bias_init}
         taps = self.geometry.taps
         self.input_proj = nnx.Linear(channels, channels, **proj_inits, **dense)
-        self.dw_conv = nnx.Conv(
-            channels,
+        self.dw_conv = DepthwiseConv(
             channels,
             self.geometry.dw_kernel_size,
-            padding=self.geometry.dw_padding,
-            feature_group_count=channels,
+            self.geometry.dw_padding,
             kernel_init=dw_kernel_init,
             bias_init=dw_bias_init,
-            **dense,
+            **common,
+            rngs=rngs,
         )
         if norm == "layer":
             self.dw_norm = nnx.LayerNorm(
