@@ -165,13 +165,13 @@ def _aggregate(
     compute = _sampling._compute_dtype(inputs.dtype)
     num_taps = len(taps)
     offsets = offsets.reshape(batch, *out_spatial, groups, num_taps, num_spatial)[..., ::-1]  # x, y -> y, x
-    offsets = offsets.astype(compute)  # (B, *out, G, T, N)
+    offsets = jnp.swapaxes(offsets, -3, -2).astype(compute)  # (B, *out, T, G, N)
     scale = jnp.asarray(offset_scale, compute)
     # Explicit ranks and dtypes: the result is the same under strict promotion and rank promotion "raise".
     origin = jnp.asarray(origin[None, ..., None, :], compute)  # (1, *out, 1, 1, N)
-    taps = jnp.asarray(taps[(None,) * (2 + len(out_spatial))], compute)  # (1, .., 1, T, N)
+    taps = jnp.asarray(taps[(None,) * (1 + len(out_spatial)) + (slice(None), None)], compute)  # (1, .., T, 1, N)
     positions = origin + scale * (taps + offsets)
-    mask = mask.reshape(batch, *out_spatial, groups, num_taps)
+    mask = jnp.swapaxes(mask.reshape(batch, *out_spatial, groups, num_taps), -2, -1)
     grouped = inputs.reshape(batch, *spatial, groups, channels // groups)
     out = _sampling.sample(grouped, positions, mask, sum_taps=True)  # (B, *out, G, Cg)
     return out.reshape(batch, *out_spatial, channels)
