@@ -218,8 +218,8 @@ class TorchBatchNorm(nnx.Module):
 class DCNv3(nnx.Module):
     """The NNX twin of :class:`jdynconv.linen.DCNv3` (see it for the maths and every attribute): the same
     variables under the same names (``input_proj``, ``offset``, ``mask``, ``output_proj``,
-    ``center_feature_scale_proj`` ``nnx.Linear``; ``dw_conv`` an ``nnx.Conv``; ``dw_norm`` an
-    ``nnx.LayerNorm`` or a :class:`TorchBatchNorm`).
+    ``center_feature_scale_proj`` ``nnx.Linear``; ``dw_conv`` a depthwise conv with ``nnx.Conv``'s ``kernel``
+    and ``bias``; ``dw_norm`` an ``nnx.LayerNorm`` or a :class:`TorchBatchNorm`).
 
     Every argument not described here is the linen layer's attribute of the same name.
 
