@@ -176,12 +176,14 @@ class Competitor:
 @dataclasses.dataclass(frozen=True)
 class Check:
     """What agreeing with the reference means: results within ``tolerance`` and every gradient within
-    ``grad_tolerance`` (``max|a - b| / max|b|``). ``result_names[mode]`` names the result in the note of a
-    wrong one (``wrong loss (...)``)."""
+    ``grad_tolerance`` (``max|a - b| / max|b|``, or with ``grad_norm="l2"`` ``||a - b||_2 / ||b||_2``, which a
+    few entries off by their rounding do not dominate). ``result_names[mode]`` names the result in the note of
+    a wrong one (``wrong loss (...)``)."""
 
     tolerance: float = 1e-4
     grad_tolerance: float = 1e-4
     result_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    grad_norm: str = "max"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,14 +247,13 @@ def as_arrays(result: object, channels_last: bool = False) -> Arrays:
     return tuple(arrays)
 
 
-def relative_error(result: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
-    """The largest ``max|a - b| / max|b|`` over the pairs of arrays; infinite when the shapes differ."""
+def relative_error(result: Sequence[np.ndarray], reference: Sequence[np.ndarray], norm: str = "max") -> float:
+    """The largest ``max|a - b| / max|b|`` (``norm="max"``) or ``||a - b||_2 / ||b||_2`` (``norm="l2"``) over
+    the pairs of arrays; infinite when the shapes differ."""
     if len(result) != len(reference) or any(a.shape != b.shape for a, b in zip(result, reference, strict=False)):
         return math.inf
-    errors = [
-        float(np.max(np.abs(a - b), initial=0.0) / max(float(np.max(np.abs(b), initial=0.0)), 1e-30))
-        for a, b in zip(result, reference, strict=True)
-    ]
+    size = {"max": lambda a: float(np.max(np.abs(a), initial=0.0)), "l2": lambda a: float(np.linalg.norm(a))}[norm]
+    errors = [size(a - b) / max(size(b), 1e-30) for a, b in zip(result, reference, strict=True)]
     return max(errors, default=0.0)
 
 
@@ -263,7 +264,8 @@ def check_note(check: Check, mode: str, rel_error: float, grad_errors: Mapping[s
         return f"wrong {what + ' ' if what else ''}(rel. error {rel_error:.1e})"
     if grad_errors and not max(grad_errors.values()) <= check.grad_tolerance:
         worst = max(grad_errors, key=grad_errors.__getitem__)
-        return f"wrong gradient of {worst} (rel. error {grad_errors[worst]:.1e})"
+        norm = " (L2)" if check.grad_norm == "l2" else ""
+        return f"wrong gradient of {worst} (rel. error{norm} {grad_errors[worst]:.1e})"
     return None
 
 
@@ -287,7 +289,7 @@ def prepare(
         rel_error = relative_error(result, reference.result)
         if gradients is not None and reference.gradients is not None:
             grad_errors = {
-                name: relative_error((gradients.get(name, np.empty(0)),), (expected,))
+                name: relative_error((gradients.get(name, np.empty(0)),), (expected,), check.grad_norm)
                 for name, expected in reference.gradients.items()
             }
     note = check_note(check, mode, rel_error, grad_errors)

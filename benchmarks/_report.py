@@ -262,3 +262,35 @@ def write_reports(
         return json_path, md_path
     plot(png_path)
     return json_path, md_path, png_path
+
+
+def verdict(ratio: float | None, target: float | None) -> str:
+    """``0.21x ok`` / ``0.62x MISS`` against a target, the ratio alone without one."""
+    if ratio is None or target is None:
+        return format_ratio(ratio)
+    return f"{format_ratio(ratio)} {'ok' if ratio <= target else 'MISS'}"
+
+
+def jdynconv_source() -> dict[str, Any]:
+    """The commit of the jdynconv source this run imports, and the files under it that differ from that commit
+    (the benchmark's environment installs jdynconv editable, from this checkout)."""
+    import subprocess
+
+    import jdynconv
+
+    source = Path(jdynconv.__file__).resolve().parent
+
+    def git(*command: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *command], cwd=source, capture_output=True, text=True, check=True)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return done.stdout
+
+    changed = git("status", "--porcelain", "--", ".")  # "XY path" lines
+    commit = git("rev-parse", "HEAD")
+    return {
+        "jdynconv_source": str(source),
+        "jdynconv_commit": None if commit is None else commit.strip(),
+        "jdynconv_uncommitted": None if changed is None else [line[3:] for line in changed.splitlines()],
+    }

@@ -58,11 +58,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -77,8 +75,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _harness import Built, Check, Competitor, Settings, case_fields, log, run_case
-from _report import format_paired, format_ratio, markdown_table
-from _timing import compile_stats, warmed_medians
+from _peak_memory import mib, profiled, torch_peak_bytes, xla_bytes
+from _report import format_paired, format_ratio, jdynconv_source, markdown_table, verdict
+from _timing import warmed_medians
 
 import jdynconv
 from jdynconv import _sampling
@@ -318,40 +317,6 @@ def competitors(data: Arrays, memory: dict[str, int], mode: str) -> list[Competi
 # --- Peak memory ------------------------------------------------------------------------------------------
 
 
-def profiled(call: Callable[[], Any]) -> tuple[int, Any]:
-    """``call()``'s result and the peak of the bytes PyTorch's CPU allocator held during it over what it held
-    when it began (its result included): ``torch.profiler``'s memory events, every thread's."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = call()
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text())["traceEvents"]
-    # Each event's "Bytes" (negative when freed), in time order; the trace's "Total Allocated" runs on across
-    # profiler sessions, so it is not the call's own.
-    changes = sorted((event["ts"], event["args"]["Bytes"]) for event in events if event.get("name") == "[memory]")
-    running = np.cumsum([change for _, change in changes], dtype=np.int64)
-    return int(max(0, running.max(initial=0))), result
-
-
-def torch_peak_bytes(call: Callable[[], Any], warm: bool = True) -> int:
-    """The peak bytes of one ``call()`` (:func:`profiled`). ``warm``: run it once before, so one-off allocations
-    (oneDNN primitives) are not counted; not needed once the same kernels ran."""
-    if warm:
-        call()
-    return profiled(call)[0]
-
-
-def xla_bytes(jitted: Any, *args: Any) -> dict[str, Any]:
-    """XLA's memory plan (and compile time) of ``jitted`` at ``args``: temp + output bytes is its peak beyond
-    the arguments."""
-    stats = compile_stats(jitted, *args).as_json()
-    stats["peak_bytes"] = (stats["temp_bytes"] or 0) + (stats["output_bytes"] or 0)
-    return stats
-
-
 def dense_conv(x: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
     out = jax.lax.conv_general_dilated(
         x, weight, (1, 1), [(PADDING, PADDING)] * 2, dimension_numbers=("NCHW", "OIHW", "NCHW")
@@ -536,26 +501,12 @@ def bench_case(index: int, case: Case, settings: Settings, with_breakdown: bool)
 # --- Reporting --------------------------------------------------------------------------------------------
 
 
-def mib(num_bytes: float | None) -> str:
-    if num_bytes is None:
-        return "-"
-    value = num_bytes / 2**20
-    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
-
-
 def format_share(share: float | None) -> str:
     return "-" if share is None else f"{share:.0%}"
 
 
 def ratio_of(case: Mapping[str, Any], mode: str, name: str = SUBJECT) -> float | None:
     return case["ratios"].get(mode, {}).get(name)
-
-
-def verdict(ratio: float | None, target: float | None) -> str:
-    """``0.21x ok`` / ``0.62x MISS`` against a target, the ratio alone without one."""
-    if ratio is None or target is None:
-        return format_ratio(ratio)
-    return f"{format_ratio(ratio)} {'ok' if ratio <= target else 'MISS'}"
 
 
 def label_of(case: Mapping[str, Any]) -> str:
@@ -735,29 +686,6 @@ def write_reports(out_dir: Path, metadata: Mapping[str, Any], cases: Sequence[Ma
     markdown = "\n".join([*header_lines(metadata), "", summary(cases)])
     payload = {"benchmark": "deform_conv", "metadata": metadata, "cases": list(cases)}
     return report.write_reports(out_dir / STEM, payload, markdown, lambda png: plot(png, cases, metadata))
-
-
-def jdynconv_source() -> dict[str, Any]:
-    """The commit of the jdynconv source this run imports, and the files under it that differ from that commit
-    (the benchmark's environment installs jdynconv editable, from this checkout)."""
-    import subprocess
-
-    source = Path(jdynconv.__file__).resolve().parent
-
-    def git(*command: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *command], cwd=source, capture_output=True, text=True, check=True)
-        except (OSError, subprocess.CalledProcessError):
-            return None
-        return done.stdout
-
-    changed = git("status", "--porcelain", "--", ".")  # "XY path" lines
-    commit = git("rev-parse", "HEAD")
-    return {
-        "jdynconv_source": str(source),
-        "jdynconv_commit": None if commit is None else commit.strip(),
-        "jdynconv_uncommitted": None if changed is None else [line[3:] for line in changed.splitlines()],
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -69,6 +69,13 @@ def test_relative_error_is_the_worst_array_scaled_by_the_reference() -> None:
     assert harness.relative_error((np.zeros(2),), reference) == math.inf  # as many arrays as the reference
 
 
+def test_relative_error_l2_is_the_norm_of_the_difference_over_the_reference_norm() -> None:
+    reference = (np.array([3.0, 4.0, 0.0, 0.0]),)  # ||b|| = 5
+    result = (np.array([3.0, 4.0, 0.0, 1.0]),)  # one entry off by 1: max 1 / 4, L2 1 / 5
+    assert harness.relative_error(result, reference, "l2") == pytest.approx(0.2)
+    assert harness.relative_error(result, reference) == pytest.approx(0.25)
+
+
 def test_as_arrays_moves_channels_last_results_to_channels_first() -> None:
     nhwc = np.arange(24.0).reshape(1, 2, 3, 4)
     (nchw, loss) = harness.as_arrays((nhwc, 3.0), channels_last=True)
