@@ -105,7 +105,7 @@ def _sample_bwd(residuals, cotangent):
         return grad_table.at[rows].add(updates, mode="promise_in_bounds"), grad_weights.astype(weights.dtype)
 
     by_column = [a.reshape(a.shape[0], columns).T for a in (rows, weights)]
-    grad_table, grad_weights = lax.scan(corner, jnp.zeros(table.shape, compute), by_column)
+    grad_table, grad_weights = lax.scan(corner, jnp.zeros_like(table, dtype=compute), by_column)
     return grad_table.astype(table.dtype), None, grad_weights.T.reshape(weights.shape)
 
 
