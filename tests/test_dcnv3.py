@@ -302,4 +302,7 @@ def test_forward_mode_is_a_type_error() -> None:
 
     for i in range(3):
         with pytest.raises(TypeError, match=r"can't apply forward-mode autodiff \(jvp\) to a custom_vjp function"):
-            jax.jvp(lambda a, i=i: fn(*args[:i], a, *args[i + 1 :]), (args[i],), (jnp.ones_like(args[i]),))
+            # Lowered only (JAX raises while lowering): nothing is compiled.
+            jax.jit(
+                lambda a, i=i: jax.jvp(lambda b: fn(*args[:i], b, *args[i + 1 :]), (a,), (jnp.ones_like(a),))
+            ).lower(args[i])

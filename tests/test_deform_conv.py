@@ -442,9 +442,15 @@ def test_forward_mode_only_through_kernel_and_bias() -> None:
 
     for i in range(3):
         with pytest.raises(TypeError, match=r"can't apply forward-mode autodiff \(jvp\) to a custom_vjp function"):
-            jax.jvp(lambda a, i=i: fn(*args[:i], a, *args[i + 1 :]), (args[i],), (jnp.ones_like(args[i]),))
+            # Lowered only (JAX raises while lowering): nothing is compiled.
+            jax.jit(
+                lambda a, i=i: jax.jvp(lambda b: fn(*args[:i], b, *args[i + 1 :]), (a,), (jnp.ones_like(a),))
+            ).lower(args[i])
     tangent_kernel, tangent_bias = jnp.ones_like(args[3]), jnp.ones_like(args[4])
-    _, along_kernel = jax.jvp(lambda k: fn(*args[:3], k, args[4]), (args[3],), (tangent_kernel,))
-    np.testing.assert_allclose(along_kernel, fn(*args[:3], tangent_kernel, jnp.zeros_like(args[4])), rtol=1e-6)
-    _, along_bias = jax.jvp(lambda b: fn(*args[:4], b), (args[4],), (tangent_bias,))
+    jitted = jax.jit(fn)
+    along_kernel = jax.jit(lambda k, t: jax.jvp(lambda k: fn(*args[:3], k, args[4]), (k,), (t,))[1])(
+        args[3], tangent_kernel
+    )
+    np.testing.assert_allclose(along_kernel, jitted(*args[:3], tangent_kernel, jnp.zeros_like(args[4])), rtol=1e-6)
+    along_bias = jax.jit(lambda b, t: jax.jvp(lambda b: fn(*args[:4], b), (b,), (t,))[1])(args[4], tangent_bias)
     np.testing.assert_array_equal(along_bias, jnp.ones((1, 4, 4)))

@@ -1,9 +1,11 @@
 """Run in a subprocess with 8 forced CPU devices (see tests/spmd/launch.py): deformable convolution with the
 batch split over the devices.
 
-Cases: ``deform_conv`` (both layouts, mask on and off) and ``dcnv3``, forward and VJP w.r.t. every argument
-in one program, with every batched argument sharded; one SGD training step of each deformable layer (linen and
-NNX) with the parameters replicated. For every case: the bytes produced by all-gather / all-to-all /
+Cases: ``deform_conv`` (with a mask) and ``dcnv3``, forward and VJP w.r.t. every argument in one program, with
+every batched argument sharded; one SGD training step of each deformable layer (linen: DCNv3 with BatchNorm,
+whose statistics are the one sum over the batch, and its centre feature scale) with the parameters replicated.
+The NNX layers, ``channels_first`` and DCNv3's LayerNorm run the same sharded core and are left out, for CI's
+time. For every case: the bytes produced by all-gather / all-to-all /
 collective-permute in the per-device program (``moved``), the largest all-reduced array against the largest
 variable (training steps), and the largest difference from the same program on one device (``error``, as
 tests/spmd/programs_conv.py).
@@ -21,14 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jdynconv
 from benchmarks._compiled import moved_bytes, reduced_arrays
 from jdynconv import _sampling
 from jdynconv import linen as jl
-from jdynconv import nnx as jn
 from tests.spmd.programs_conv import relative_error
 
 BATCH, SIZE, CHANNELS, GROUPS = 16, 8, 8, 2
@@ -46,17 +46,11 @@ def function_cases() -> dict[str, tuple[Callable[..., Any], tuple[jax.Array, ...
     offsets = normal(2, (BATCH, SIZE, SIZE, GROUPS * 9 * 2), 1.5)
     mask = jax.nn.sigmoid(normal(3, (BATCH, SIZE, SIZE, GROUPS * 9)))
     conv = dict(padding=1, feature_group_count=GROUPS)
-    first = lambda a: jnp.moveaxis(a, -1, 1)  # noqa: E731
     return {
         "deform_conv mask": (
             lambda x, o, m, k: jdynconv.deform_conv(x, o, k, mask=m, **conv),
             (x, offsets, mask, kernel),
             3,
-        ),
-        "deform_conv channels_first no mask": (
-            lambda x, o, k: jdynconv.deform_conv(x, o, k, data_format="channels_first", **conv),
-            (first(x), first(offsets), jnp.moveaxis(kernel, (-1, -2), (0, 1))),
-            2,
         ),
         "dcnv3": (
             lambda x, o, m: jdynconv.dcnv3(x, o, m, kernel_size=3, padding=1, groups=GROUPS),
@@ -78,8 +72,7 @@ def with_vjp(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 LINEN: dict[str, nn.Module] = {
     "DeformConv": jl.DeformConv(CHANNELS, (3, 3), feature_group_count=GROUPS, offset_groups=GROUPS, use_mask=True),
-    "DCNv3": jl.DCNv3(CHANNELS, groups=GROUPS, center_feature_scale=True),
-    "DCNv3 batch norm": jl.DCNv3(CHANNELS, groups=GROUPS, norm="batch"),
+    "DCNv3 batch norm": jl.DCNv3(CHANNELS, groups=GROUPS, norm="batch", center_feature_scale=True),
 }
 
 
@@ -106,14 +99,6 @@ def linen_state(module: nn.Module) -> tuple[Any, Any, Any]:
     # Offsets, masks and the centre-feature scale start at zero; random values make the sampling non-trivial.
     params = jax.tree.map(lambda p: p + 0.1 * normal(5, p.shape), variables["params"])
     return params, variables.get("batch_stats", {}), TX.init(params)
-
-
-def nnx_models() -> dict[str, nnx.Module]:
-    rngs = nnx.Rngs(1)
-    return {
-        "DeformConv": jn.DeformConv(CHANNELS, CHANNELS, (3, 3), offset_groups=GROUPS, use_mask=True, rngs=rngs),
-        "DCNv3": jn.DCNv3(CHANNELS, groups=GROUPS, rngs=rngs),
-    }
 
 
 def training_case(step: Callable[..., Any], state: tuple[Any, ...], x: jax.Array, place: Callable[[Any], Any]) -> dict:
@@ -153,17 +138,6 @@ def main() -> None:
     x = shard(normal(0, (BATCH, SIZE, SIZE, CHANNELS)))
     for name, module in LINEN.items():
         report[f"linen {name}"] = training_case(linen_step(module), linen_state(module), x, replicate)
-    for name, model in nnx_models().items():
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-        def nnx_step(params: Any, rest: Any, x: jax.Array, graphdef: Any = graphdef) -> Any:
-            model = nnx.merge(graphdef, params, rest)
-            loss, grads = nnx.value_and_grad(lambda model: jnp.mean(jnp.square(model(x) - 0.5)))(model)
-            new_params = jax.tree.map(lambda p, g: p - 0.1 * g, nnx.state(model, nnx.Param), grads)
-            return new_params, loss
-
-        params = jax.tree.map(lambda p: p + 0.1 * normal(5, p.shape), params)
-        report[f"nnx {name}"] = training_case(nnx_step, (params, rest), x, replicate)
     print("REPORT", json.dumps(report))
 
 
