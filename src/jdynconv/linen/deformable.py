@@ -561,7 +561,8 @@ class DCNv3(nn.Module):
         axis (or axes) the batch is split over.
       dtype: the computation dtype (None: inferred from the inputs and parameters, as ``flax.linen.Dense``).
       param_dtype: the parameters' dtype.
-      precision: passed to ``jax.lax``'s convolutions and matmuls.
+      precision: passed to the Dense layers' matmuls (the depthwise conv is elementwise products, which it does
+        not affect).
       kernel_init: ``input_proj``'s and ``output_proj``'s kernel initialiser (InternImage's xavier uniform).
       bias_init: ``input_proj``'s and ``output_proj``'s bias initialiser (zeros).
       dw_kernel_init: the depthwise conv's kernel initialiser (Flax's default; InternImage leaves PyTorch's).
