@@ -1,8 +1,8 @@
 """flax.linen modules: thin wrappers over jdynconv's functional core (same names and maths as ``nnx``)."""
 
 # One module per layer family, as Flax keeps linear.py and normalization.py apart: branch_mix, kernel_mix, odconv,
-# modulated, deformable; what several families share in _common. A family's layers are re-exported here and listed
-# in __all__, and its NNX twins live in the module of the same name in jdynconv.nnx.
+# modulated, deformable, per_position; what several families share in _common. A family's layers are
+# re-exported here and listed in __all__, and its NNX twins live in the module of the same name in jdynconv.nnx.
 from jdynconv.linen._common import Dtype as Dtype
 from jdynconv.linen._common import Initializer as Initializer
 from jdynconv.linen._common import branch_bank_init as branch_bank_init
@@ -20,6 +20,9 @@ from jdynconv.linen.modulated import ModulatedConv as ModulatedConv
 from jdynconv.linen.modulated import standard_normal as standard_normal
 from jdynconv.linen.odconv import ODConv as ODConv
 from jdynconv.linen.odconv import kaiming_normal_fan_out as kaiming_normal_fan_out
+from jdynconv.linen.per_position import DynamicLightweightConv as DynamicLightweightConv
+from jdynconv.linen.per_position import Involution as Involution
+from jdynconv.linen.per_position import LightweightConv as LightweightConv
 
 __all__ = [
     "BranchMixConv",
@@ -27,6 +30,9 @@ __all__ = [
     "DCNv3",
     "DeformConv",
     "DynamicConv",
+    "DynamicLightweightConv",
+    "Involution",
+    "LightweightConv",
     "ModulatedConv",
     "ODConv",
     "PerSampleConv",
