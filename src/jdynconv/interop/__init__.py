@@ -31,13 +31,18 @@ C_in // G, *K)``, the attention's 1x1 convs ``attention.fc1``/``attention.fc2``)
 ``DeformConv2dPack`` / ``ModulatedDeformConv2dPack``: also ``conv_offset.{weight,bias}``; see
 :func:`deform_conv_rules`) and ``DCNv3`` (InternImage's ``DCNv3_pytorch``: ``input_proj``, ``dw_conv.0``,
 ``dw_conv.1.1`` (LayerNorm) or ``dw_conv.1.0`` (BatchNorm2d), ``offset``, ``mask``, ``output_proj``,
-``center_feature_scale_proj_{weight,bias}``; see :func:`dcnv3_rules`). Others (your own models, built from
-:func:`conv_rules`, :func:`linear_rules`, :func:`batchnorm_rules` and the rest) with :func:`register`.
+``center_feature_scale_proj_{weight,bias}``; see :func:`dcnv3_rules`); ``Involution`` (d-li14's ``involution``:
+``conv1.conv``, ``conv1.bn``, ``conv2.conv``; :func:`involution_rules`), ``LightweightConv`` and
+``DynamicLightweightConv`` (fairseq's ``LightweightConv1dTBC``: ``weight``, ``bias``; ``DynamicConv1dTBC``:
+``weight_linear``, ``conv_bias``; :func:`lightweight_conv_rules`, :func:`dynamic_lightweight_conv_rules`).
+Others (your own models, built from :func:`conv_rules`, :func:`linear_rules`, :func:`batchnorm_rules` and the
+rest) with :func:`register`.
 
 :func:`from_torch` builds, from a PyTorch layer jdynconv knows (the seed model's block, timm's ``CondConv2d``,
 Dynamic Convolution, ``ODConv2d``, StyleGAN2's ``SynthesisLayer``/``ToRGBLayer``, torchvision's
 ``DeformConv2d``, mmcv's ``DeformConv2dPack`` and ``ModulatedDeformConv2dPack``, InternImage's
-``DCNv3_pytorch``/``DCNv3``; others with
+``DCNv3_pytorch``/``DCNv3``, d-li14's ``involution``, fairseq's ``LightweightConv1dTBC`` and ``DynamicConv1dTBC``;
+others with
 :func:`register_torch_layer`), the jdynconv layer that computes the same function, with its weights.
 :func:`rules_for` and :func:`under` compose a whole model's rules from its layers'; :func:`torch_names` names
 gradients and optimizer moments by PyTorch keys.
@@ -48,6 +53,7 @@ from jdynconv.interop import _deformable as _deformable  # registers DeformConv,
 from jdynconv.interop import _kernel_mix as _kernel_mix  # registers CondConv, DynamicConv
 from jdynconv.interop import _modulated as _modulated  # registers ModulatedConv
 from jdynconv.interop import _odconv as _odconv  # registers ODConv
+from jdynconv.interop import _per_position as _per_position  # registers Involution and the fairseq layers
 from jdynconv.interop._branch_mix import branch_mix_rules as branch_mix_rules
 from jdynconv.interop._convert import Converter as Converter
 from jdynconv.interop._convert import linen_to_torch as linen_to_torch
@@ -68,6 +74,9 @@ from jdynconv.interop._kernel_mix import cond_conv_rules as cond_conv_rules
 from jdynconv.interop._kernel_mix import dynamic_conv_rules as dynamic_conv_rules
 from jdynconv.interop._modulated import modulated_conv_rules as modulated_conv_rules
 from jdynconv.interop._odconv import od_conv_rules as od_conv_rules
+from jdynconv.interop._per_position import dynamic_lightweight_conv_rules as dynamic_lightweight_conv_rules
+from jdynconv.interop._per_position import involution_rules as involution_rules
+from jdynconv.interop._per_position import lightweight_conv_rules as lightweight_conv_rules
 from jdynconv.interop._prefix import rules_for as rules_for
 from jdynconv.interop._prefix import torch_names as torch_names
 from jdynconv.interop._prefix import under as under

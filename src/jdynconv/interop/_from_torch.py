@@ -42,7 +42,8 @@ class TorchPort:
         ``input_shape`` or ``latent_features``.
       state_dict: PyTorch key -> NumPy array, the state dict to load (the module's own, completed where
         jdynconv has a variable the torch module lacks).
-      layout: the input layout of the returned layer, for error messages and docs: ``"channels_last"``.
+      layout: the input layout of the returned layer, for error messages and docs: ``"channels_last"``, or
+        ``"time_major"`` (fairseq's ``(T, B, C)``).
     """
 
     linen_type: type
@@ -113,14 +114,16 @@ def from_torch(
     cannot express is an error that names it.
 
     Every returned layer takes **channels-last** inputs, ``(B, *spatial, C)`` (``jnp.moveaxis(x, 1, -1)`` of
-    PyTorch's ``(B, C, *spatial)``), and returns channels-last outputs; the weights are converted to match.
+    PyTorch's ``(B, C, *spatial)``), and returns channels-last outputs; the weights are converted to match. fairseq's
+    sequence layers become ``time_major`` layers: they take fairseq's ``(T, B, C)`` as it is.
 
     Args:
       module: a PyTorch layer of a known class (:func:`known_torch_layers`): the seed's ``BranchMixConv`` block
         (``SeedModel``), timm's ``CondConv2d``, ``Dynamic_conv{1,2,3}d`` (Chen et al.), OSVAI's ``ODConv2d``,
         StyleGAN2's ``SynthesisLayer`` and ``ToRGBLayer``, torchvision's ``DeformConv2d``, mmcv's
         ``DeformConv2d``, ``ModulatedDeformConv2d``, ``DeformConv2dPack`` and ``ModulatedDeformConv2dPack``,
-        InternImage's ``DCNv3_pytorch`` and ``DCNv3``.
+        InternImage's ``DCNv3_pytorch`` and ``DCNv3``, d-li14's ``involution``, fairseq's ``LightweightConv1dTBC``
+        and ``DynamicConv1dTBC`` (ported with ``time_major=True``: they take fairseq's ``(T, B, C)``).
       api: ``"linen"`` or ``"nnx"``.
       rngs: NNX only: the model's random streams (``ModulatedConv``'s noise draws from ``rngs.noise``); default
         ``nnx.Rngs(0)``.
@@ -154,15 +157,17 @@ def from_torch(
         layer = port.linen_type(**port.attributes, **attributes)
         return layer, torch_to_linen(layer, port.state_dict, allow_non_finite=allow_non_finite)
 
-    def build() -> nnx.Module:
-        streams = rngs if rngs is not None else nnx.Rngs(0)
+    def build(streams: nnx.Rngs) -> nnx.Module:
         return port.nnx_type(**port.nnx_attributes, **port.attributes, **attributes, rngs=streams)
 
-    # Abstract first: the random initialisation the loaded weights replace is skipped. A model that keeps
-    # state no weight fills (ModulatedConv's noise stream) is built for real.
-    model = torch_to_nnx(nnx.eval_shape(build), port.state_dict, allow_non_finite=allow_non_finite)
+    # Abstract first, with streams of its own (a layer that forks the caller's streams, as nnx.Dropout does, must
+    # not do so inside the abstract trace): the random initialisation the loaded weights replace is skipped. A
+    # model that keeps state no weight fills (ModulatedConv's noise stream, a dropout stream) is built for real,
+    # from the caller's streams.
+    model = torch_to_nnx(nnx.eval_shape(lambda: build(nnx.Rngs(0))), port.state_dict, allow_non_finite=allow_non_finite)
     if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(model))):
-        model = torch_to_nnx(build(), port.state_dict, allow_non_finite=allow_non_finite)
+        streams = rngs if rngs is not None else nnx.Rngs(0)
+        model = torch_to_nnx(build(streams), port.state_dict, allow_non_finite=allow_non_finite)
     return model
 
 

@@ -135,7 +135,6 @@ class _SequenceConv(nnx.Module):
             weights, weight_softmax=self.weight_softmax, renorm_padding=renorm, padding_l=self.padding_l, start=start
         )
         kernels = self.weight_dropout(kernels, deterministic=deterministic)
-        self.sow(nnx.Intermediate, "kernels", kernels)
         if not decode:
             return _lightconv.convolve(inputs, kernels, self.padding_l)
         out, self.cached_inputs[...] = _lightconv.decode_step(inputs, kernels, self.cached_inputs[...])
