@@ -101,9 +101,16 @@ def linen_state(module: nn.Module) -> tuple[Any, Any, Any]:
     return params, variables.get("batch_stats", {}), TX.init(params)
 
 
-def training_case(step: Callable[..., Any], state: tuple[Any, ...], x: jax.Array, place: Callable[[Any], Any]) -> dict:
+def training_case(
+    step: Callable[..., Any],
+    state: tuple[Any, ...],
+    x: jax.Array,
+    place: Callable[[Any], Any],
+    unsharded: jax.Array | None = None,
+) -> dict:
+    """``unsharded``: ``x`` on one device (default: this file's input)."""
     compiled = jax.jit(step).lower(*place(state), x).compile()
-    expected = jax.jit(step)(*state, normal(0, (BATCH, SIZE, SIZE, CHANNELS)))
+    expected = jax.jit(step)(*state, normal(0, (BATCH, SIZE, SIZE, CHANNELS)) if unsharded is None else unsharded)
     return {
         "moved": moved_bytes(compiled),
         "largest_reduced": max((c.largest for c in reduced_arrays(compiled)), default=0),
