@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jdynconv._per_position import per_position_conv
@@ -43,11 +44,12 @@ def stride_pool(inputs: jax.Array, strides: Sequence[int]) -> jax.Array:
     window = (1, *strides, 1)
     pads = ((0, 0), *((0, e) for e in extra), (0, 0))
     compute = jnp.promote_types(inputs.dtype, jnp.float32)
-    total = lax.reduce_window(inputs.astype(compute), jnp.zeros((), compute), lax.add, window, window, pads)
+    zero = np.zeros((), compute)  # a concrete 0: lax lowers the sum to reduce_window_sum, which has a VJP
+    total = lax.reduce_window(inputs.astype(compute), zero, lax.add, window, window, pads)
     if not any(extra):
         return (total / math.prod(strides)).astype(inputs.dtype)
     ones = jnp.ones((1, *spatial, 1), compute)
-    count = lax.reduce_window(ones, jnp.zeros((), compute), lax.add, window, window, pads)
+    count = lax.reduce_window(ones, zero, lax.add, window, window, pads)
     return (total / count).astype(inputs.dtype)
 
 
