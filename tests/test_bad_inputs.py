@@ -13,6 +13,7 @@ time, before any computation, so no compiled program is needed to see them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 from collections.abc import Callable
@@ -637,6 +638,144 @@ def _deform_conv_layer_mistakes(api: str, entry: str, apply: Callable, build: Ca
 for _api in ("linen", "nnx"):
     for _layer in LAYERS:
         _layer_mistakes(_api, _layer)
+
+
+# --- per-position convolution: the function and its three layers ------------------------------------------
+
+PP = "jdynconv.per_position_conv"
+T, HEADS = 7, 2
+
+
+def _per_position(**overrides: Any) -> jax.Array:
+    return jdc.per_position_conv(**{"inputs": _x(B, T, C), "kernels": _x(B, T, HEADS, 3), **overrides})
+
+
+add(PP, "rank", "inputs 1-D", lambda: _per_position(inputs=_x(T, C)), ValueError, "inputs")
+add(PP, "rank", "kernels 3-D", lambda: _per_position(kernels=_x(B, T, 3)), ValueError, "kernels")
+add(PP, "shape", "kernels batch", lambda: _per_position(kernels=_x(B + 1, T, HEADS, 3)), ValueError, "kernels")
+add(PP, "shape", "kernels out_spatial", lambda: _per_position(kernels=_x(B, T - 1, HEADS, 3)), ValueError, "kernels")
+add(PP, "channels", "3 groups of 4 channels", lambda: _per_position(kernels=_x(B, T, 3, 3)), ValueError, "kernels")
+add(PP, "channels", "0 channels", lambda: _per_position(inputs=_x(B, T, 0)), ValueError, "inputs")
+add(PP, "dtype", "int inputs", lambda: _per_position(inputs=_x(B, T, C, dtype=np.int32)), TypeError, "inputs")
+add(
+    PP,
+    "dtype",
+    "kernels float16",
+    lambda: _per_position(kernels=_x(B, T, HEADS, 3, dtype=np.float16)),
+    TypeError,
+    "kernels",
+)
+add(PP, "non_array", "None kernels", lambda: _per_position(kernels=None), TypeError, "kernels")
+add(PP, "non_array", "ragged inputs", lambda: _per_position(inputs=RAGGED), TypeError, "inputs")
+add(PP, "option", "data_format", lambda: _per_position(data_format="NWC"), ValueError, "data_format")
+add(PP, "option", "padding", lambda: _per_position(padding="FULL"), ValueError, "padding")
+add(PP, "size", "strides 0", lambda: _per_position(strides=0), ValueError, "strides")
+add(PP, "size", "kernel_dilation 0", lambda: _per_position(kernel_dilation=0), ValueError, "kernel_dilation")
+
+
+def _per_position_empty() -> None:
+    arrays = (_x(0, T, C), _x(0, T, HEADS, 3))
+    out = jax.jit(jdc.per_position_conv)(*arrays)
+    assert out.shape == (0, T, C)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(jdc.per_position_conv(*a)), argnums=(0, 1)))(*arrays)
+    assert [g.shape for g in grads] == [a.shape for a in arrays]
+
+
+EMPTY_BATCH[PP] = _per_position_empty
+
+SEQUENCE = _x(B, T, C)
+IMAGE = _x(B, H, W, 16)  # Involution: group_channels 16 by default
+
+
+def _per_position_layer(api: str, name: str, **attributes: Any) -> Any:
+    """The layer ``name`` with small settings; NNX takes the channels (and a kernel size per dim) first."""
+    if name == "Involution":
+        settings = {"kernel_size": (3, 3), "reduction_ratio": 4} | attributes
+        if api == "linen":
+            return jl.Involution(**settings)
+        return jn.Involution(16, settings.pop("kernel_size"), **settings, rngs=nnx.Rngs(0))
+    settings = {"kernel_size": 3, "num_heads": HEADS, "padding": "CAUSAL"} | attributes
+    if api == "linen":
+        return getattr(jl, name)(**settings)
+    return getattr(jn, name)(C, settings.pop("kernel_size"), **settings, rngs=nnx.Rngs(0))
+
+
+def _per_position_call(api: str, name: str, inputs: Any, *args: Any, **attributes: Any) -> Callable[[], object]:
+    def run() -> object:
+        layer = _per_position_layer(api, name, **attributes)
+        example = IMAGE if name == "Involution" else SEQUENCE
+        kwargs = {"use_running_average": True} if name == "Involution" else {"deterministic": True}
+        if api == "nnx":
+            return layer(inputs, *args, **kwargs)
+        variables = jax.eval_shape(lambda: layer.init(KEY, example, **kwargs))
+        return jax.eval_shape(lambda v: layer.apply(v, inputs, *args, **kwargs), variables)
+
+    return run
+
+
+def _per_position_layer_mistakes(api: str, name: str) -> None:
+    entry = f"{api}.{name}"
+    image = name == "Involution"
+    call = functools.partial(_per_position_call, api, name)
+
+    def build(**attributes: Any) -> Callable[[], object]:
+        return call(IMAGE if image else SEQUENCE, **attributes)
+
+    good = IMAGE if image else SEQUENCE
+    add(entry, "rank", "unbatched inputs", call(good[0]), ValueError, "inputs")
+    add(entry, "channels", "channels", call(_x(B, H, W, 24) if image else _x(B, T, 5)), ValueError, "inputs")
+    add(entry, "dtype", "int inputs", call(good.astype(np.int32)), TypeError, "inputs")
+    add(entry, "non_array", "None inputs", call(None), TypeError, "inputs")
+    add(entry, "non_array", "ragged inputs", call(RAGGED), TypeError, "inputs")
+    add(entry, "size", "kernel_size 0", build(kernel_size=(3, 0) if image else 0), ValueError, "kernel_size")
+    if image:
+        add(entry, "size", "group_channels 0", build(group_channels=0), ValueError, "group_channels")
+        add(entry, "option", "strides str", build(strides="2"), TypeError, "strides")
+        NOT_APPLICABLE[(entry, "shape")] = "one input array: its shape errors are rank and channels"
+    else:
+        add(entry, "option", "padding", build(padding="FULL"), ValueError, "padding")
+        add(entry, "size", "num_heads 0", build(num_heads=0), ValueError, "num_heads")
+        add(entry, "size", "weight_dropout 1", build(weight_dropout=1.0), ValueError, "weight_dropout")
+        if name == "DynamicLightweightConv":
+            add(entry, "shape", "query length", call(SEQUENCE, _x(B, T + 1, 3)), ValueError, "query")
+            add(entry, "non_array", "str query", call(SEQUENCE, "q"), TypeError, "query")
+        else:
+            NOT_APPLICABLE[(entry, "shape")] = "one input array: its shape errors are rank and channels"
+
+    def empty() -> None:
+        layer = _per_position_layer(api, name)
+        inputs = _x(0, H, W, 16) if image else _x(0, T, C)
+        kwargs = {"use_running_average": False} if image else {"deterministic": True}
+        if api == "linen":
+            variables = jax.jit(lambda: layer.init(KEY, good, **kwargs))()
+
+            def loss(params: Any) -> tuple[jax.Array, Any]:
+                out, updates = layer.apply({**variables, "params": params}, inputs, mutable=["batch_stats"], **kwargs)
+                assert out.shape[0] == 0
+                return jnp.sum(out), updates
+
+            (_, updates), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+            for name_, stats in updates.items():  # an empty batch leaves the running statistics as they were
+                jax.tree.map(np.testing.assert_array_equal, stats, variables[name_])
+        else:
+            if image:
+                layer.train()
+
+            def nnx_loss(model: nnx.Module) -> jax.Array:
+                out = model(inputs)
+                assert out.shape[0] == 0
+                return jnp.sum(out)
+
+            grads = nnx.jit(nnx.grad(nnx_loss))(layer)
+        for grad in jax.tree.leaves(grads):
+            np.testing.assert_array_equal(grad, 0.0)
+
+    EMPTY_BATCH[entry] = empty
+
+
+for _api in ("linen", "nnx"):
+    for _name in ("Involution", "LightweightConv", "DynamicLightweightConv"):
+        _per_position_layer_mistakes(_api, _name)
 
 NOT_APPLICABLE[("nnx.NoiseConst", "*")] = "a variable type (ModulatedConv's noise_const), not a layer"
 

@@ -55,8 +55,12 @@ def check_involution_config(
     return sizes, steps
 
 
-def check_involution_inputs(inputs: jax.Array, channels: int | None, group_channels: int, reduction_ratio: int) -> None:
-    _checks.check_layer_inputs(inputs, channels, 1)
+def check_involution_inputs(
+    inputs: jax.Array, channels: int | None, group_channels: int, reduction_ratio: int, num_spatial: int | None = None
+) -> None:
+    """A float ``(B, *spatial, C)`` (``num_spatial`` dims when the kernel size fixes them), C a multiple of
+    ``group_channels`` and at least ``reduction_ratio``."""
+    _checks.check_layer_inputs(inputs, channels, 1, num_spatial, "`kernel_size` has one entry per spatial dim")
     channels = inputs.shape[-1]
     if channels % group_channels:
         raise ValueError(
@@ -149,7 +153,8 @@ class Involution(nn.Module):
         channels = None
         if self.has_variable("params", "conv1"):
             channels = self.get_variable("params", "conv1")["kernel"].shape[-2]
-        check_involution_inputs(inputs, channels, self.group_channels, self.reduction_ratio)
+        fixed = None if _checks.is_int(self.kernel_size) else len(self.kernel_size)
+        check_involution_inputs(inputs, channels, self.group_channels, self.reduction_ratio, fixed)
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         num_spatial = inputs.ndim - 2
         kernel_size = _checks.canonicalize_ints(self.kernel_size, num_spatial, "kernel_size")

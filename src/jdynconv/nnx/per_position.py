@@ -81,7 +81,9 @@ class Involution(nnx.Module):
         """``(B, *spatial, C)`` -> ``(B, *ceil(spatial / strides), C)``; ``use_running_average`` overrides the
         attribute for this call."""
         inputs = _checks.as_array("inputs", inputs)
-        _checks.check_layer_inputs(inputs, self.channels, 1, len(self.kernel_size), "`kernel_size` has")
+        _checks.check_layer_inputs(
+            inputs, self.channels, 1, len(self.kernel_size), "`kernel_size` has one entry per spatial dim"
+        )
         use_running_average = self.use_running_average if use_running_average is None else use_running_average
         hidden = _involution.stride_pool(inputs, self.strides)
         hidden = nnx.relu(self.bn(self.conv1(hidden), training=not use_running_average))
