@@ -4,9 +4,10 @@ Involution (Li et al. 2021) and the lightweight and dynamic convolutions of Wu e
 ``kernel_size`` window per output position and channel group from the input and apply it to the window of the
 input under it, shared by the group's channels. Written as ``prod(kernel_size)`` products of strided slices of the
 padded input with one tap of the kernels each, summed: XLA fuses them into one loop, so the ``K``-times unfold
-that the originals build (``nn.Unfold``, fairseq's ``unfold1d``) is never made. The derivatives are the same
-slices transposed; :func:`jax.checkpoint` keeps the inputs and kernels as the only residuals, so the backward
-pass recomputes the slices instead of storing ``K`` of them.
+that the originals build (``nn.Unfold``, fairseq's ``unfold1d``) is never made. The derivatives are a
+``jax.custom_vjp`` whose residuals are the inputs and kernels only: the input gradient is again such a sum (the
+cotangent against the kernels moved to the input positions), the kernel gradient per-tap reductions over a group's
+channels, or in 1-D (stride 1) batched matrix products over blocks of output positions.
 """
 
 from __future__ import annotations
