@@ -128,7 +128,7 @@ def _jdynconv(module: torch.nn.Module, arrays: dict[str, np.ndarray], api: str, 
             out = model(x, query) if query is not None else model(x)
             return jnp.sum(out * cotangent), out
 
-        (grads, dx, dq), out = nnx.grad(nnx_loss, argnums=(0, 1, 2), has_aux=True)(model, x, query)
+        (grads, dx, dq), out = nnx.jit(nnx.grad(nnx_loss, argnums=(0, 1, 2), has_aux=True))(model, x, query)
         kernels = None
         nnx.update(model, grads)  # the model now holds its gradients, named by PyTorch key below
         state_dict = interop.nnx_to_torch(model)
