@@ -58,7 +58,9 @@ class Case:
 CASES = [
     Case((9,), (3,), 4, 2, (1,), (1,), "CAUSAL", ((2, 0),)),  # fairseq's decoder
     Case((11,), (4,), 6, 3, (1,), (2,), [(3, 3)], ((3, 3),)),  # even K, dilation
-    Case((70,), (5,), 4, 1, (1,), (1,), "SAME", ((2, 2),)),  # > one 64-position block of the 1-D kernel gradient
+    Case(
+        (70,), (5,), 4, 1, (1,), (1,), "SAME", ((2, 2),)
+    ),  # three 32-position blocks of the 1-D kernel gradient, the last one partial
     Case((8,), (31,), 4, 2, (1,), (1,), [(30, 0)], ((30, 0),)),  # causal K > T
     Case((10,), (3,), 4, 2, (2,), (1,), 1, ((1, 1),)),  # stride 2 (the per-tap kernel gradient)
     Case((7, 6), (3, 2), 6, 3, (2, 1), (1, 2), [(1, 1), (0, 2)], ((1, 1), (0, 2))),

@@ -164,21 +164,25 @@ def _input_grad(cotangent: jax.Array, kernels: jax.Array, geometry: Geometry, in
     zero = (0, 0, 0)
     cotangent_up = lax.pad(cotangent, jnp.zeros((), cotangent.dtype), [zero, *spread, zero])
     kernels_up = lax.pad(kernels, jnp.zeros((), kernels.dtype), [zero, *spread, zero] + [zero] * num_spatial)
+    # Only the input's own positions p in [low, low + size) of the padded grid get a gradient: the windows start
+    # there (the padding's gradient is never computed).
+    lows = [lo for lo, _ in pads]
     moved = []
     for tap in itertools.product(*(range(k) for k in kernel_size)):
-        start = (0, *(t * d for t, d in zip(tap, dilation, strict=True)), 0)
+        start = (0, *(lo + t * d for lo, t, d in zip(lows, tap, dilation, strict=True)), 0)
         limit = (
             kernels_up.shape[0],
-            *(a + p for a, p in zip(start[1:-1], padded, strict=True)),
+            *(a + n for a, n in zip(start[1:-1], spatial, strict=True)),
             kernels.shape[-1 - num_spatial],
         )
         source = tuple(k - 1 - t for k, t in zip(kernel_size, tap, strict=True))
         moved.append(lax.slice(kernels_up[(Ellipsis, *source)], start, limit))
     moved = jnp.stack(moved, axis=-1).reshape(*moved[0].shape, *kernel_size)
+    windows = tuple(
+        slice(lo, lo + n + (k - 1) * d) for lo, n, k, d in zip(lows, spatial, kernel_size, dilation, strict=True)
+    )
     ones = (1,) * num_spatial
-    grad_padded = _taps(cotangent_up, moved, ones, ((0, 0),) * num_spatial, dilation)
-    crop = tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, spatial, strict=True))
-    return grad_padded[(slice(None), *crop)]
+    return _taps(cotangent_up[(slice(None), *windows)], moved, ones, ((0, 0),) * num_spatial, dilation)
 
 
 def _kernel_grad(inputs: jax.Array, cotangent: jax.Array, geometry: Geometry, kernels: jax.Array) -> jax.Array:
@@ -202,8 +206,9 @@ def _kernel_grad(inputs: jax.Array, cotangent: jax.Array, geometry: Geometry, ke
     return grad.astype(kernels.dtype)
 
 
-# Output positions per block of the 1-D kernel gradient's products (:func:`_kernel_grad_1d`).
-BLOCK = 64
+# Output positions per block of the 1-D kernel gradient's products (:func:`_kernel_grad_1d`): 32 against 16 and 64
+# in the probe on docs/performance.md ("Probes behind the lowerings' constants").
+BLOCK = 32
 
 
 def _kernel_grad_1d(padded: jax.Array, cotangent: jax.Array, kernel_size: int, dilation: int) -> jax.Array:
@@ -211,8 +216,8 @@ def _kernel_grad_1d(padded: jax.Array, cotangent: jax.Array, kernel_size: int, d
 
     For a block of ``BLOCK`` outputs and the ``BLOCK + (K - 1) d`` inputs they read, the products of every
     output's cotangent with every input (over a group's channels) are one matmul; the gradient is the band
-    ``[o, o + t d]`` of it. ``K`` separate reductions over the group's channels instead ran at most as fast at
-    K = 3 and several times slower at K = 15 and 31 (fairseq's shapes; ``docs/performance.md``).
+    ``[o, o + t d]`` of it. ``K`` separate reductions over the group's channels instead ran 1.1x-1.2x slower at
+    K = 3 and 2x-9x slower at K = 7 to 31 (fairseq's shapes; the probe on ``docs/performance.md``).
     """
     batch, out_size, groups, group_channels = cotangent.shape
     block = min(out_size, BLOCK)
