@@ -31,6 +31,17 @@ def _randomise(variables: dict[str, Any], seed: int) -> dict[str, Any]:
     return out
 
 
+def _shapes(module: nn.Module, x: Any, **kwargs: Any) -> dict[str, Any]:
+    """The shapes and dtypes of ``module.init``'s variables, traced and not run: for tests that replace
+    every value (:func:`_randomise`), where an eager init compiled each initializer op on its own."""
+    return jax.eval_shape(lambda x: module.init(jax.random.key(0), x, **kwargs), x)
+
+
+def _init(module: nn.Module, x: Any, **kwargs: Any) -> dict[str, Any]:
+    """``module.init`` compiled as one program (run eagerly, it compiled every initializer op on its own)."""
+    return jax.jit(lambda x: module.init(jax.random.key(0), x, **kwargs))(x)
+
+
 def _numpy_params(variables: dict[str, Any]) -> dict[str, np.ndarray]:
     return {name: np.asarray(value, np.float64) for name, value in variables["params"].items()}
 
@@ -67,7 +78,7 @@ def test_matches_branch_by_branch_reference(
 ) -> None:
     x = np.random.default_rng(0).standard_normal((5, *spatial, in_features)).astype(np.float32)
     module = BranchMixConv(**attributes, **lowering)
-    variables = _randomise(module.init(jax.random.key(0), x, use_running_average=True), seed=1)
+    variables = _randomise(_shapes(module, x, use_running_average=True), seed=1)
     out, updates = jax.jit(lambda v, x: module.apply(v, x, use_running_average=not training, mutable=["batch_stats"]))(
         variables, x
     )
@@ -87,8 +98,10 @@ def test_matches_branch_by_branch_reference(
 def test_unbiased_running_var_is_pytorchs() -> None:
     x = np.random.default_rng(2).standard_normal((4, 5, 5, 2)).astype(np.float32)
     module = BranchMixConv(features=3, kernel_size=3, num_branches=2, unbiased_running_var=True)
-    variables = module.init(jax.random.key(0), x, use_running_average=False)
-    _, updates = module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    variables = _init(module, x, use_running_average=False)
+    _, updates = jax.jit(lambda v, x: module.apply(v, x, use_running_average=False, mutable=["batch_stats"]))(
+        variables, x
+    )
     _, _, batch_var = reference.branch_mix(
         x,
         _numpy_params(variables),
@@ -103,7 +116,7 @@ def test_unbiased_running_var_is_pytorchs() -> None:
 
 def test_init_does_not_update_running_stats() -> None:
     x = np.ones((2, 4, 4, 1), np.float32) * np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
-    variables = BranchMixConv(2, 3, 2).init(jax.random.key(0), x, use_running_average=False)
+    variables = _init(BranchMixConv(2, 3, 2), x, use_running_average=False)
     np.testing.assert_array_equal(variables["batch_stats"]["mean"], np.zeros((2, 2)))
     np.testing.assert_array_equal(variables["batch_stats"]["var"], np.ones((2, 2)))
 
@@ -115,7 +128,7 @@ def test_init_does_not_update_running_stats() -> None:
 def test_gate_options(gate: str, gate_input: str, temperature: float) -> None:
     x = np.random.default_rng(3).standard_normal((3, 5, 5, 2)).astype(np.float32)
     module = BranchMixConv(3, 3, 4, gate_activation=gate, gate_input=gate_input)
-    variables = _randomise(module.init(jax.random.key(0), x, use_running_average=True), seed=4)
+    variables = _randomise(_shapes(module, x, use_running_average=True), seed=4)
     out = jax.jit(lambda v, x, t: module.apply(v, x, use_running_average=True, temperature=t))(
         variables, x, temperature
     )
@@ -133,27 +146,31 @@ def test_gate_options(gate: str, gate_input: str, temperature: float) -> None:
     )
     assert_close(out, expected, F32_RTOL)
     if gate_input == "mean":
-        # A pooled gate accepts any spatial size.
-        assert module.apply(variables, np.ones((3, 9, 7, 2), np.float32), use_running_average=True).shape == (
-            3,
-            9,
-            7,
-            3,
+        # A pooled gate accepts any spatial size (traced for the output's shape; nothing needs computing).
+        other_size = jax.eval_shape(
+            lambda v, x: module.apply(v, x, use_running_average=True), variables, np.ones((3, 9, 7, 2), np.float32)
         )
+        assert other_size.shape == (3, 9, 7, 3)
 
 
 def test_callable_gate_and_given_gate_weights() -> None:
     x = np.random.default_rng(5).standard_normal((3, 4, 4, 2)).astype(np.float32)
     module = BranchMixConv(3, 3, 2, gate_activation=jnp.tanh)
-    variables = _randomise(module.init(jax.random.key(0), x, use_running_average=True), seed=6)
+    variables = _randomise(_shapes(module, x, use_running_average=True), seed=6)
     weights = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
-    out = module.apply(variables, x, use_running_average=True, gate_weights=weights)
-    only_first = BranchMixConv(3, 3, 2).apply(
-        variables, x, use_running_average=True, gate_weights=jnp.tile(jnp.asarray([[1.0, 0.0]]), (3, 1))
-    )
-    only_second = BranchMixConv(3, 3, 2).apply(
-        variables, x, use_running_average=True, gate_weights=jnp.tile(jnp.asarray([[0.0, 1.0]]), (3, 1))
-    )
+
+    @jax.jit
+    def outputs(variables: dict[str, Any], x: np.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
+        out = module.apply(variables, x, use_running_average=True, gate_weights=weights)
+        only_first = BranchMixConv(3, 3, 2).apply(
+            variables, x, use_running_average=True, gate_weights=jnp.tile(jnp.asarray([[1.0, 0.0]]), (3, 1))
+        )
+        only_second = BranchMixConv(3, 3, 2).apply(
+            variables, x, use_running_average=True, gate_weights=jnp.tile(jnp.asarray([[0.0, 1.0]]), (3, 1))
+        )
+        return out, only_first, only_second
+
+    out, only_first, only_second = outputs(variables, x)
     assert_close(out[0], only_first[0], F32_RTOL)
     assert_close(out[1], only_second[1], F32_RTOL)
     assert_close(out[2], 0.5 * (only_first[2] + only_second[2]), F32_RTOL)
@@ -190,11 +207,13 @@ def _count_equations(jaxpr: jax.extend.core.Jaxpr) -> int:
 
 
 def _step_program(k: int, **lowering: Any):
-    x = jnp.ones((8, 16, 16, 3))
+    """A training step of a k-branch layer and the shapes and dtypes of its arguments (what tracing and
+    lowering need; nothing is run)."""
+    x = jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32)
     module = BranchMixConv(features=8, kernel_size=3, num_branches=k, **lowering)
-    variables = module.init(jax.random.key(0), x, use_running_average=False)
+    variables = _shapes(module, x, use_running_average=False)
     tx, step = _train_step(module)
-    args = (variables["params"], variables["batch_stats"], tx.init(variables["params"]), x)
+    args = (variables["params"], variables["batch_stats"], jax.eval_shape(tx.init, variables["params"]), x)
     return step, args
 
 
@@ -233,7 +252,7 @@ def test_lowerings_give_the_fused_gradients(lowering: dict, monkeypatch: pytest.
     grads = {}
     for name, attributes in (("fused", {"method": "fused"}), ("other", lowering)):
         module = BranchMixConv(4, 3, 3, feature_group_count=2, **attributes)
-        variables = _randomise(module.init(jax.random.key(0), x, use_running_average=False), seed=11)
+        variables = _randomise(_shapes(module, x, use_running_average=False), seed=11)
 
         def loss(params, x, module=module, variables=variables):
             out, _ = module.apply(
@@ -271,7 +290,7 @@ def test_bfloat16_training_gradients_chunked_match_fused(monkeypatch: pytest.Mon
         ("chunked", {"method": "chunked", "dtype": jnp.bfloat16}),
     ):
         module = BranchMixConv(8, 3, 4, use_bias=False, **attributes)
-        variables = _randomise(module.init(jax.random.key(0), x, use_running_average=False), seed=13)
+        variables = _randomise(_shapes(module, x, use_running_average=False), seed=13)
 
         def loss(params, module=module, variables=variables):
             out, _ = module.apply(
@@ -282,7 +301,7 @@ def test_bfloat16_training_gradients_chunked_match_fused(monkeypatch: pytest.Mon
             )
             return jnp.sum(jnp.sin(out.astype(jnp.float32)))
 
-        grads[name] = jax.grad(loss)(variables["params"])
+        grads[name] = jax.jit(jax.grad(loss))(variables["params"])
     for path, exact in jax.tree.leaves_with_path(grads["float32"]):
         name = jax.tree_util.keystr(path)
         scale = float(jnp.max(jnp.abs(exact)))
@@ -356,8 +375,10 @@ def test_choose_method() -> None:
 def test_empty_batch_in_training_keeps_the_running_statistics(lowering: dict) -> None:
     # An empty batch has no statistics to learn from (PyTorch's BatchNorm leaves them too).
     module = BranchMixConv(4, 3, 2, gate_input="mean", **lowering)
-    variables = module.init(jax.random.key(0), jnp.ones((2, 6, 6, 2)), use_running_average=True)
-    out, updates = module.apply(variables, jnp.ones((0, 6, 6, 2)), use_running_average=False, mutable=["batch_stats"])
+    variables = _init(module, jnp.ones((2, 6, 6, 2)), use_running_average=True)
+    out, updates = jax.jit(lambda v, x: module.apply(v, x, use_running_average=False, mutable=["batch_stats"]))(
+        variables, jnp.ones((0, 6, 6, 2))
+    )
     assert out.shape == (0, 6, 6, 4)
     jax.tree.map(np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"])
 
@@ -365,8 +386,8 @@ def test_empty_batch_in_training_keeps_the_running_statistics(lowering: dict) ->
 @pytest.mark.parametrize("lowering", LOWERINGS, ids=LOWERING_IDS)
 def test_empty_batch_in_eval_mode(lowering: dict) -> None:
     module = BranchMixConv(4, 3, 2, gate_input="mean", **lowering)
-    variables = module.init(jax.random.key(0), jnp.ones((2, 6, 6, 2)), use_running_average=True)
-    out = module.apply(variables, jnp.ones((0, 6, 6, 2)), use_running_average=True)
+    variables = _init(module, jnp.ones((2, 6, 6, 2)), use_running_average=True)
+    out = jax.jit(lambda v, x: module.apply(v, x, use_running_average=True))(variables, jnp.ones((0, 6, 6, 2)))
     assert out.shape == (0, 6, 6, 4)
 
 
@@ -377,11 +398,13 @@ def test_chunked_with_a_partial_last_chunk(monkeypatch: pytest.MonkeyPatch, trai
     spatial, in_features, attributes, geometry = CONFIGS[0]
     x = np.random.default_rng(3).standard_normal((5, *spatial, in_features)).astype(np.float32)
     module = BranchMixConv(**attributes, method="chunked")
-    variables = _randomise(module.init(jax.random.key(0), x, use_running_average=True), seed=4)
+    variables = _randomise(_shapes(module, x, use_running_average=True), seed=4)
     per_sample = int(np.prod(spatial)) * attributes["num_branches"] * attributes["features"] * 4
     _force_chunks_of_two(monkeypatch, per_sample)  # branch outputs (36 * 12) outweigh the patches (36 * 27)
     assert im2col.chunk_size(5, per_sample) == 2
-    out, updates = module.apply(variables, x, use_running_average=not training, mutable=["batch_stats"])
+    out, updates = jax.jit(lambda v, x: module.apply(v, x, use_running_average=not training, mutable=["batch_stats"]))(
+        variables, x
+    )
     stats = variables["batch_stats"]
     expected, batch_mean, batch_var = reference.branch_mix(
         x, _numpy_params(variables), np.asarray(stats["mean"]), np.asarray(stats["var"]), geometry, training=training
@@ -393,8 +416,11 @@ def test_chunked_with_a_partial_last_chunk(monkeypatch: pytest.MonkeyPatch, trai
 
 
 def test_training_steps_reduce_the_loss_under_jit() -> None:
-    step, (params, batch_stats, opt_state, x) = _step_program(3)
-    x = jnp.asarray(np.random.default_rng(7).standard_normal(x.shape), jnp.float32)
+    module = BranchMixConv(features=8, kernel_size=3, num_branches=3)
+    variables = _init(module, jnp.ones((8, 16, 16, 3)), use_running_average=False)
+    tx, step = _train_step(module)
+    params, batch_stats, opt_state = variables["params"], variables["batch_stats"], tx.init(variables["params"])
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((8, 16, 16, 3)), jnp.float32)
     jitted = jax.jit(step)
     losses = []
     for _ in range(5):
@@ -406,7 +432,7 @@ def test_training_steps_reduce_the_loss_under_jit() -> None:
 def test_bfloat16_compute_dtype() -> None:
     x = np.random.default_rng(8).standard_normal((2, 6, 6, 3)).astype(np.float32)
     module = BranchMixConv(4, 3, 2, dtype=jnp.bfloat16)
-    variables = _randomise(module.init(jax.random.key(0), x, use_running_average=True), seed=9)
+    variables = _randomise(_shapes(module, x, use_running_average=True), seed=9)
     out = module.apply(variables, x, use_running_average=True)
     assert out.dtype == jnp.bfloat16
     assert variables["params"]["kernel"].dtype == jnp.float32
@@ -417,11 +443,13 @@ def test_bfloat16_compute_dtype() -> None:
 def test_use_running_average_attribute_or_call_argument() -> None:
     x = np.ones((2, 4, 4, 1), np.float32)
     module = BranchMixConv(2, 3, 2)
-    variables = module.init(jax.random.key(0), x, use_running_average=True)
+    variables = _init(module, x, use_running_average=True)
     with pytest.raises(ValueError, match="use_running_average"):
         module.apply(variables, x)
     fixed = BranchMixConv(2, 3, 2, use_running_average=True)
-    np.testing.assert_array_equal(fixed.apply(variables, x), module.apply(variables, x, use_running_average=True))
+    # One program computes both (each its own computation in it): the two calls must give the same values.
+    both = jax.jit(lambda v, x: (fixed.apply(v, x), module.apply(v, x, use_running_average=True)))(variables, x)
+    np.testing.assert_array_equal(*both)
 
 
 @pytest.mark.parametrize(
@@ -511,7 +539,7 @@ def test_bad_input(
 
 def test_flatten_gate_names_the_size_it_was_built_for() -> None:
     module = BranchMixConv(2, 3, 2)
-    variables = module.init(jax.random.key(0), np.ones((2, 8, 8, 3), np.float32), use_running_average=True)
+    variables = _shapes(module, np.ones((2, 8, 8, 3), np.float32), use_running_average=True)
     with pytest.raises(ValueError, match=r"\(2, 4, 4, 3\) give 48 gate features.*built for 192"):
         module.apply(variables, np.ones((2, 4, 4, 3), np.float32), use_running_average=True)
 
@@ -519,7 +547,7 @@ def test_flatten_gate_names_the_size_it_was_built_for() -> None:
 def test_softmax_gate_temperature_is_checked_and_cast() -> None:
     x = np.ones((2, 5, 5, 3), np.float32)
     module = BranchMixConv(4, 3, 2, gate_activation="softmax", dtype=jnp.bfloat16)
-    variables = module.init(jax.random.key(0), x, use_running_average=True)
+    variables = _init(module, x, use_running_average=True)
     with pytest.raises(ValueError, match=r"`temperature` must be a positive finite scalar, got 0\.0"):
         module.apply(variables, x, use_running_average=True, temperature=0.0)
     # A float32 schedule value with a bfloat16 computation dtype (strict promotion is on in tests).
@@ -529,5 +557,5 @@ def test_softmax_gate_temperature_is_checked_and_cast() -> None:
 
 def test_numpy_integer_attributes_are_accepted() -> None:
     module = BranchMixConv(features=np.int64(4), kernel_size=3, num_branches=np.int32(2))
-    variables = module.init(jax.random.key(0), np.ones((2, 5, 5, 3), np.float32), use_running_average=True)
+    variables = _shapes(module, np.ones((2, 5, 5, 3), np.float32), use_running_average=True)
     assert variables["params"]["kernel"].shape == (2, 3, 3, 3, 4)
