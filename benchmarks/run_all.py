@@ -5,7 +5,8 @@
 
 The reports go to ``docs/results/`` (the documentation's Performance page shows them): the benchmarks that
 ``summary.py`` tabulates at its top, the others in the subfolders their links expect (``families/``,
-``odconv/``, ``scaling/``).
+``odconv/``, ``deform/``, ``per_position/``, ``scaling/``). ``deform_conv.py`` needs torchvision's ops, which
+load only in a venv of their own (``benchmarks/deform_conv.py`` says how); run it there.
 
 Each benchmark runs as its own subprocess (``python benchmarks/<name>.py --out DIR [--quick]``), not as
 an imported ``main``: each one sets process-wide state (JAX's default matmul precision, PyTorch's cuDNN
@@ -51,6 +52,8 @@ RUNS = (
     Run("modulated_conv", out="families"),
     Run("per_sample_conv_transpose", out="families"),
     Run("odconv", out="odconv"),
+    Run("dcnv3", out="deform"),
+    Run("per_position", out="per_position"),
     Run("scaling", out="scaling/scaling_cpu"),
 )
 BENCHMARKS = tuple(dict.fromkeys(run.name for run in RUNS))
