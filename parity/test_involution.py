@@ -134,3 +134,30 @@ def test_the_original_raises_where_jdynconv_defines_the_result() -> None:
     module = involution(16, 5, 2, group_channels=4).eval()
     with pytest.raises(RuntimeError, match="invalid for input of size"), torch.no_grad():
         module(torch.zeros(2, 16, 9, 7))
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_jdynconv_weights_into_the_original_strictly(api: str, assert_close: AssertClose) -> None:
+    """Random jdynconv variables (running statistics too) -> a fresh original by a strict ``load_state_dict``: the
+    same eval-mode outputs."""
+    case = CASES[1]
+    rng = _rng(case.name, "jdynconv weights")
+    x = rng.standard_normal(case.shape, dtype=np.float32)
+    draw = lambda p: jnp.asarray(rng.uniform(0.5, 1.5, p.shape).astype(np.float32))  # noqa: E731 (positive: var)
+    if api == "linen":
+        layer, variables = interop.from_torch(_module(case))
+        variables = jax.tree.map(draw, variables)
+        state_dict = interop.linen_to_torch(layer, variables)
+        ours = layer.apply(variables, jnp.moveaxis(x, 1, -1), use_running_average=True)
+    else:
+        model = interop.from_torch(_module(case), api="nnx")
+        model.eval()
+        nnx.update(model, jax.tree.map(draw, nnx.state(model, nnx.Param)))
+        nnx.update(model, jax.tree.map(draw, nnx.state(model, nnx.BatchStat)))
+        state_dict = interop.nnx_to_torch(model)
+        ours = model(jnp.moveaxis(x, 1, -1))
+    fresh = case.make().eval()
+    fresh.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, strict=True)
+    with torch.no_grad():
+        expected = fresh(torch.from_numpy(x)).numpy()
+    assert_close(np.moveaxis(np.asarray(ours), -1, 1), expected, api)

@@ -264,3 +264,33 @@ def test_incremental_decoding(name: str, api: str, assert_close: AssertClose) ->
     with torch.no_grad():
         full = module(torch.from_numpy(x), **({"query": torch.from_numpy(query)} if query is not None else {}))
     assert_close(expected, full.numpy(), f"{name}: fairseq's steps vs its full pass")
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+@pytest.mark.parametrize("name", ["light_same_softmax_bias", "dynamic_causal_query_biases", "dynamic_in_proj_k_gt_t"])
+def test_jdynconv_weights_into_fairseq_strictly(name: str, api: str, assert_close: AssertClose) -> None:
+    """Random jdynconv variables -> a fresh fairseq module by a strict ``load_state_dict``: the same outputs."""
+    case = BY_NAME[name]
+    module = _module(case)
+    arrays = _arrays(case, module)
+    rng = _rng(name, "jdynconv weights")
+    if api == "linen":
+        layer, variables = interop.from_torch(module)
+        params = jax.tree.map(lambda p: jnp.asarray(rng.normal(0, 0.5, p.shape).astype(np.float32)), variables)
+        state_dict = interop.linen_to_torch(layer, params)
+        x, q = jnp.asarray(arrays["x"]), arrays.get("query")
+        ours = layer.apply(params, x, *(() if q is None else (jnp.asarray(q),)), deterministic=True)
+    else:
+        model = interop.from_torch(module, api="nnx")
+        model.eval()
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.tree.map(lambda p: jnp.asarray(rng.normal(0, 0.5, p.shape).astype(np.float32)), params))
+        state_dict = interop.nnx_to_torch(model)
+        q = arrays.get("query")
+        ours = model(jnp.asarray(arrays["x"]), *(() if q is None else (jnp.asarray(q),)))
+    fresh = case.make().eval()
+    fresh.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, strict=True)
+    with torch.no_grad():
+        query = {"query": torch.from_numpy(arrays["query"])} if "query" in arrays else {}
+        expected = fresh(torch.from_numpy(arrays["x"]), **query).numpy()
+    assert_close(np.asarray(ours), expected, f"{name}/{api}")
