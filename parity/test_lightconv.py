@@ -56,6 +56,11 @@ CASES = (
     ),
     Case("dynamic_in_proj_k_gt_t", lambda: DynamicConv1dTBC(4, 7, 6, 2, weight_softmax=True, in_proj=True), length=5),
     Case("dynamic_plain", lambda: DynamicConv1dTBC(8, 5, 2, 4, conv_bias=True)),
+    Case(
+        "dynamic_renorm_causal",
+        lambda: DynamicConv1dTBC(6, 4, 3, 3, weight_softmax=True, renorm_padding=True),
+        length=5,
+    ),
 )
 BY_NAME = {case.name: case for case in CASES}
 
@@ -219,7 +224,9 @@ def test_weight_dropout_with_a_shared_mask(make: Callable[[], torch.nn.Module], 
 
 
 @pytest.mark.parametrize("api", ["linen", "nnx"])
-@pytest.mark.parametrize("name", ["light_causal_k_gt_t", "dynamic_causal_query_biases", "dynamic_in_proj_k_gt_t"])
+@pytest.mark.parametrize(
+    "name", ["light_causal_k_gt_t", "dynamic_causal_query_biases", "dynamic_in_proj_k_gt_t", "dynamic_renorm_causal"]
+)
 def test_incremental_decoding(name: str, api: str, assert_close: AssertClose) -> None:
     """Step by step: jdynconv's decode steps equal fairseq's incremental_state steps, and its full pass."""
     case = BY_NAME[name]

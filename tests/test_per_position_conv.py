@@ -56,12 +56,11 @@ class Case:
 
 
 CASES = [
-    Case((9,), (3,), 4, 2, (1,), (1,), "CAUSAL", ((2, 0),)),  # fairseq's decoder
+    Case((9,), (3,), 4, 2, (1,), (1,), "CAUSAL", ((2, 0),)),  # causal; 2 channels a group: K reductions
     Case((11,), (4,), 6, 3, (1,), (2,), [(3, 3)], ((3, 3),)),  # even K, dilation
-    Case(
-        (70,), (5,), 4, 1, (1,), (1,), "SAME", ((2, 2),)
-    ),  # three 32-position blocks of the 1-D kernel gradient, the last one partial
-    Case((8,), (31,), 4, 2, (1,), (1,), [(30, 0)], ((30, 0),)),  # causal K > T
+    # 16 channels a group: the 1-D kernel gradient's blocked products, three blocks of 32, the last one partial
+    Case((70,), (5,), 32, 2, (1,), (1,), "SAME", ((2, 2),)),
+    Case((8,), (31,), 4, 2, (1,), (1,), [(30, 0)], ((30, 0),)),  # causal K > T: blocked (32 + 30 <= 31 * 2)
     Case((10,), (3,), 4, 2, (2,), (1,), 1, ((1, 1),)),  # stride 2 (the per-tap kernel gradient)
     Case((7, 6), (3, 2), 6, 3, (2, 1), (1, 2), [(1, 1), (0, 2)], ((1, 1), (0, 2))),
     Case((7, 7), (3, 3), 32, 2, (2, 2), (1, 1), [(1, 1), (1, 1)], ((1, 1), (1, 1))),  # involution, odd size stride 2

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdynconv import _checks
 from jdynconv._per_position import per_position_conv
@@ -45,7 +46,10 @@ def check_config(*, kernel_size: Any, num_heads: Any, padding: Any, weight_dropo
     """Checks the attributes both layers share; returns ``padding_l``."""
     _checks.check_positive_int("kernel_size", kernel_size)
     _checks.check_positive_int("num_heads", num_heads)
-    if not isinstance(weight_dropout, int | float) or isinstance(weight_dropout, bool) or not 0 <= weight_dropout < 1:
+    is_number = isinstance(weight_dropout, int | float | np.integer | np.floating) and not isinstance(
+        weight_dropout, bool
+    )
+    if not is_number or not 0 <= weight_dropout < 1:
         raise ValueError(f"`weight_dropout` must be a number in [0, 1), got {weight_dropout!r}.")
     return padding_left(padding, kernel_size)
 
@@ -121,5 +125,6 @@ def decode_step(inputs: jax.Array, kernels: jax.Array, cached_inputs: jax.Array)
       cache for the next step.
     """
     window = jnp.concatenate([cached_inputs, inputs], axis=1)  # (B, K, C)
-    # The full pass's sum, tap by tap in the same order: the step equals it to the last bit.
+    # The full pass's sum of products, tap by tap in the same order (what may differ from the full pass is what runs
+    # before: a Dense layer on one step rather than the sequence rounds its sums in another order).
     return per_position_conv(window, kernels, padding="VALID"), window[:, 1:]

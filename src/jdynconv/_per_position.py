@@ -195,7 +195,14 @@ def _kernel_grad(inputs: jax.Array, cotangent: jax.Array, geometry: Geometry, ke
     padded = jnp.pad(inputs, ((0, 0), *pads, (0, 0))).astype(compute)
     channels = inputs.shape[-1]
     cotangent = cotangent.astype(compute).reshape(batch, *out_spatial, groups, channels // groups)
-    if num_spatial == 1 and strides == (1,):
+    group_channels = channels // groups
+    if (
+        num_spatial == 1
+        and strides == (1,)
+        and BLOCK + (kernel_size[0] - 1) * dilation[0] <= kernel_size[0] * group_channels
+    ):
+        # The blocks' products are then no larger than the K-times unfold (and measured faster); else the K
+        # reductions, which need no more than the inputs.
         grad = _kernel_grad_1d(padded, cotangent, kernel_size[0], dilation[0])
     else:
         grad = []

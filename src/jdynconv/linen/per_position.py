@@ -209,6 +209,11 @@ class _SequenceConv(nn.Module):
             cached = self.variable(
                 "cache", "cached_inputs", jnp.zeros, (batch, kernel_size - 1, channels), inputs.dtype
             )
+            if cached.value.shape[0] != batch or cached.value.dtype != inputs.dtype:
+                raise ValueError(
+                    f"`inputs` must have the cache's batch {cached.value.shape[0]} and dtype {cached.value.dtype} (as "
+                    f"the input the cache was initialised with), got shape {tuple(inputs.shape)}, {inputs.dtype}."
+                )
             index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
             kernels = _lightconv.normalise(
                 weights,

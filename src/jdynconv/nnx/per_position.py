@@ -110,9 +110,11 @@ class _SequenceConv(nnx.Module):
         self.cached_inputs: nnx.Cache | None = nnx.data(None)
         self.cache_index: nnx.Cache | None = nnx.data(None)
 
-    def init_cache(self, batch_size: int, dtype: Dtype = jnp.float32) -> None:
+    def init_cache(self, batch_size: int, dtype: Dtype | None = None) -> None:
         """Creates the decoding cache (``cached_inputs (B, K - 1, C)`` zeros, ``cache_index`` 0), as
-        ``nnx.MultiHeadAttention.init_cache``; then call with ``decode=True``, one ``(B, 1, C)`` step at a time."""
+        ``nnx.MultiHeadAttention.init_cache``; then call with ``decode=True``, one ``(B, 1, C)`` step at a time.
+        ``dtype``: the steps' computation dtype (default: the layer's ``dtype``, else float32)."""
+        dtype = dtype if dtype is not None else (self.dtype if self.dtype is not None else jnp.float32)
         self.cached_inputs = nnx.Cache(jnp.zeros((batch_size, self.kernel_size - 1, self.channels), dtype))
         self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
 
@@ -131,7 +133,15 @@ class _SequenceConv(nnx.Module):
             if self.cached_inputs is None or self.cache_index is None:
                 raise ValueError("`decode` needs the cache: call `init_cache(batch_size)` first.")
             if self.cached_inputs.shape[0] != batch:
-                raise ValueError(f"the cache holds batch {self.cached_inputs.shape[0]}, `inputs` has batch {batch}.")
+                raise ValueError(
+                    f"`inputs` must have the cache's batch {self.cached_inputs.shape[0]} (init_cache's batch_size), "
+                    f"got shape {tuple(inputs.shape)}."
+                )
+            if self.cached_inputs.dtype != inputs.dtype:
+                raise TypeError(
+                    f"`inputs` must have the cache's dtype {self.cached_inputs.dtype} (init_cache's dtype), got "
+                    f"{inputs.dtype}."
+                )
             start = self.cache_index[...]
         kernels = _lightconv.normalise(
             weights, weight_softmax=self.weight_softmax, renorm_padding=renorm, padding_l=self.padding_l, start=start
