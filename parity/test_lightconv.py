@@ -148,8 +148,13 @@ def _compare(actual: dict[str, Any], expected: dict[str, np.ndarray], label: str
         assert_close(np.asarray(actual[key]), value, f"{label}: {key}")
 
 
-@pytest.mark.parametrize("api", ["linen", "nnx"])
-@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+# NNX on one case of each variable set (kernel and bias; weight_linear with a query and both biases; in_proj): the
+# NNX layers call the linen layers' maths, what is their own is the variables, and these three hold all of them.
+NNX_CASES = ("light_same_softmax_bias", "dynamic_causal_query_biases", "dynamic_in_proj_k_gt_t")
+DEFAULT_PATH = [(case, "linen") for case in CASES] + [(BY_NAME[name], "nnx") for name in NNX_CASES]
+
+
+@pytest.mark.parametrize(("case", "api"), DEFAULT_PATH, ids=[f"{case.name}-{api}" for case, api in DEFAULT_PATH])
 def test_default_path(case: Case, api: str, assert_close: AssertClose) -> None:
     """Output and every gradient on fairseq's default (band-matrix) path."""
     module = _module(case)
