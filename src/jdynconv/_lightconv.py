@@ -66,6 +66,23 @@ def check_sequence(name: str, array: Any, channels: int | None, num_heads: int) 
         raise ValueError(f"`{name}` channels (={shape[-1]}) must be divisible by `num_heads` (={num_heads}).")
 
 
+def check_query(query: Any, inputs: jax.Array, in_proj: bool, features: int | None) -> jax.Array | None:
+    """``query`` as an array of the inputs' leading ``(B, T)`` dims (``features`` of them when known), or None;
+    none with ``in_proj``."""
+    if query is None:
+        return None
+    if in_proj:
+        raise ValueError("`query` must be None with `in_proj` (the kernels come from the inputs' projection).")
+    query = _checks.as_array("query", query)
+    check_sequence("query", query, features, 1)
+    if query.shape[:2] != inputs.shape[:2]:
+        raise ValueError(
+            f"`query` must have the inputs' leading (B, T) dims {tuple(inputs.shape[:2])} (time-major: (T, B)), got "
+            f"shape {tuple(query.shape)}."
+        )
+    return query
+
+
 def valid_taps(length: int, kernel_size: int, padding_l: int, start: jax.Array | int = 0) -> jax.Array:
     """``(length, K)`` bool: tap ``k`` of output ``start + t`` reads an input inside the sequence.
 

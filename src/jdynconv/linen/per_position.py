@@ -411,16 +411,7 @@ class DynamicLightweightConv(_SequenceConv):
         if self.has_variable("params", "conv_bias"):
             channels = self.get_variable("params", "conv_bias").shape[0]
         _lightconv.check_sequence("inputs", inputs, channels, self.num_heads)
-        if query is not None:
-            if self.in_proj:
-                raise ValueError("`query` must be None with `in_proj` (the kernels come from the inputs' projection).")
-            query = _checks.as_array("query", query)
-            _lightconv.check_sequence("query", query, None, 1)
-            if query.shape[:2] != inputs.shape[:2]:
-                raise ValueError(
-                    f"`query` must have the inputs' leading (B, T) dims {tuple(inputs.shape[:2])} (time-major: (T, B)),"
-                    f" got shape {tuple(query.shape)}."
-                )
+        query = _lightconv.check_query(query, inputs, self.in_proj, None)
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         padding_l = _lightconv.padding_left(self.padding, self.kernel_size)
         x = self._to_batch_major(inputs) if self.time_major else inputs

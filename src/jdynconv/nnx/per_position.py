@@ -301,16 +301,8 @@ class DynamicLightweightConv(_SequenceConv):
         inputs = _checks.as_array("inputs", inputs)
         _lightconv.check_sequence("inputs", inputs, self.channels, self.num_heads)
         x = self._batch_major(inputs)
+        query = _lightconv.check_query(query, inputs, self.in_proj, self.weight_linear.in_features)
         if query is not None:
-            if self.in_proj:
-                raise ValueError("`query` must be None with `in_proj` (the kernels come from the inputs' projection).")
-            query = _checks.as_array("query", query)
-            _lightconv.check_sequence("query", query, self.weight_linear.in_features, 1)
-            if query.shape[:2] != inputs.shape[:2]:
-                raise ValueError(
-                    f"`query` must have the inputs' leading dims {tuple(inputs.shape[:2])}, got shape "
-                    f"{tuple(query.shape)}."
-                )
             query = self._batch_major(query)
         elif not self.in_proj and self.weight_linear.in_features != self.channels:
             raise ValueError(
