@@ -7,7 +7,7 @@ padded input with one tap of the kernels each, summed: XLA fuses them into one l
 that the originals build (``nn.Unfold``, fairseq's ``unfold1d``) is never made. The derivatives are a
 ``jax.custom_vjp`` whose residuals are the inputs and kernels only: the input gradient is again such a sum (the
 cotangent against the kernels moved to the input positions), the kernel gradient per-tap reductions over a group's
-channels, or in 1-D (stride 1) batched matrix products over blocks of output positions.
+channels, or in 1-D (stride 1, wide enough groups) batched matrix products over blocks of output positions.
 """
 
 from __future__ import annotations
