@@ -99,14 +99,30 @@ class _SequenceConv(nnx.Module):
     application (:class:`jdynconv.linen.per_position._SequenceConv`'s)."""
 
     def _setup(
-        self, *, kernel_size: int, num_heads: int, padding: Any, weight_dropout: float, time_major: bool, rngs: nnx.Rngs
+        self,
+        channels: int,
+        kernel_size: int,
+        *,
+        num_heads: int,
+        padding: Any,
+        weight_softmax: bool,
+        weight_dropout: float,
+        time_major: bool,
+        deterministic: bool,
+        dtype: Dtype | None,
+        rngs: nnx.Rngs,
     ) -> None:
+        """Checks and keeps the settings both layers share; their weight dropout and an empty decoding cache."""
         self.padding_l = _lightconv.check_config(
             kernel_size=kernel_size, num_heads=num_heads, padding=padding, weight_dropout=weight_dropout
         )
         check_bool("time_major", time_major)
-        self.kernel_size, self.num_heads, self.time_major = kernel_size, num_heads, time_major
-        self.weight_dropout = nnx.Dropout(weight_dropout, rngs=rngs)
+        check_bool("weight_softmax", weight_softmax)
+        _checks.check_positive_int("channels", channels)
+        _lightconv.check_sequence("inputs", jax.ShapeDtypeStruct((1, 1, channels), jnp.float32), None, num_heads)
+        self.channels, self.kernel_size, self.num_heads = channels, kernel_size, num_heads
+        self.weight_softmax, self.time_major, self.dtype = weight_softmax, time_major, dtype
+        self.weight_dropout = nnx.Dropout(weight_dropout, deterministic=deterministic, rngs=rngs)
         self.cached_inputs: nnx.Cache | None = nnx.data(None)
         self.cache_index: nnx.Cache | None = nnx.data(None)
 
@@ -187,19 +203,18 @@ class LightweightConv(_SequenceConv):
         rngs: nnx.Rngs,
     ) -> None:
         self._setup(
-            kernel_size=kernel_size,
+            channels,
+            kernel_size,
             num_heads=num_heads,
             padding=padding,
+            weight_softmax=weight_softmax,
             weight_dropout=weight_dropout,
             time_major=time_major,
+            deterministic=deterministic,
+            dtype=dtype,
             rngs=rngs,
         )
-        for name, value in (("weight_softmax", weight_softmax), ("use_bias", use_bias)):
-            check_bool(name, value)
-        _checks.check_positive_int("channels", channels)
-        _lightconv.check_sequence("inputs", jax.ShapeDtypeStruct((1, 1, channels), jnp.float32), None, num_heads)
-        self.channels, self.weight_softmax, self.dtype = channels, weight_softmax, dtype
-        self.weight_dropout.deterministic = deterministic
+        check_bool("use_bias", use_bias)
         self.kernel = nnx.Param(kernel_init(rngs.params(), (num_heads, kernel_size), param_dtype))
         self.bias = nnx.Param(bias_init(rngs.params(), (channels,), param_dtype)) if use_bias else None
 
@@ -253,32 +268,26 @@ class DynamicLightweightConv(_SequenceConv):
         rngs: nnx.Rngs,
     ) -> None:
         self._setup(
-            kernel_size=kernel_size,
+            channels,
+            kernel_size,
             num_heads=num_heads,
             padding=padding,
+            weight_softmax=weight_softmax,
             weight_dropout=weight_dropout,
             time_major=time_major,
+            deterministic=deterministic,
+            dtype=dtype,
             rngs=rngs,
         )
-        flags = {
-            "weight_softmax": weight_softmax,
-            "renorm_padding": renorm_padding,
-            "use_bias": use_bias,
-            "conv_bias": conv_bias,
-            "in_proj": in_proj,
-        }
-        for name, value in flags.items():
+        for name, value in (("renorm_padding", renorm_padding), ("use_bias", use_bias), ("conv_bias", conv_bias)):
             check_bool(name, value)
+        check_bool("in_proj", in_proj)
         check_renorm_padding(renorm_padding, weight_softmax)
-        _checks.check_positive_int("channels", channels)
-        _lightconv.check_sequence("inputs", jax.ShapeDtypeStruct((1, 1, channels), jnp.float32), None, num_heads)
         if in_proj and query_size is not None:
             raise ValueError("`query_size` must be None with `in_proj` (the kernels come from the inputs).")
         query_size = channels if query_size is None else query_size
         _checks.check_positive_int("query_size", query_size)
-        self.channels, self.weight_softmax, self.renorm_padding = channels, weight_softmax, renorm_padding
-        self.in_proj, self.dtype = in_proj, dtype
-        self.weight_dropout.deterministic = deterministic
+        self.renorm_padding, self.in_proj = renorm_padding, in_proj
         taps = num_heads * kernel_size
         dense = {"dtype": dtype, "param_dtype": param_dtype, "precision": precision, "rngs": rngs}
         inits = {"kernel_init": kernel_init, "bias_init": bias_init}
