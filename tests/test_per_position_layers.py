@@ -54,6 +54,8 @@ def test_involution_linen_and_nnx_agree(spatial: tuple, kernel_size: tuple, stri
     model = jdc_nnx.Involution(32, kernel_size, strides=strides, reduction_ratio=2, group_channels=8, rngs=nnx.Rngs(1))
     _nnx_from_linen(model, variables)
     model.train()
+    # Same variables, same operations, two compiled programs (linen's and NNX's): XLA may fuse and so round them
+    # differently, a few float32 roundings (~1e-7 relative) of O(1) values; 1e-6 leaves 10x, a wrong weight is O(1).
     np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, x: m(x))(model, x)), np.asarray(out), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(
         np.asarray(model.bn.mean[...]), np.asarray(updates["batch_stats"]["bn"]["mean"]), rtol=1e-6
@@ -68,6 +70,7 @@ def test_stride_pool_averages_the_pixels_each_window_covers() -> None:
     for i in range(4):
         for j in range(2):
             expected[0, i, j] = x[0, 2 * i : 2 * i + 2, 3 * j : 3 * j + 3].mean(axis=(0, 1))
+    # A mean of at most 6 float32 values against float64: a few roundings of 2^-24 relative; 1e-6 leaves room.
     np.testing.assert_allclose(pooled, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -125,6 +128,7 @@ def test_nnx_decoding_equals_the_causal_full_pass_and_linen(name: str) -> None:
     _nnx_from_linen(model, variables)
     model.eval()
     full = nnx.jit(lambda m, x: m(x))(model, x)
+    # As above: one layer, two compiled programs (linen's, NNX's), float32 rounding of O(1) values.
     np.testing.assert_allclose(full, layer.apply(variables, x, deterministic=True), rtol=1e-6, atol=1e-6)
     model.init_cache(2)
     step = nnx.jit(lambda m, xt: m(xt, decode=True))
@@ -158,6 +162,7 @@ def test_weight_dropout_scales_the_kept_kernels_and_switches_off() -> None:
     other = kernels(deterministic=False, rngs={"dropout": jax.random.key(2)})
     kept = dropped != 0
     assert 0.15 < 1 - kept.mean() < 0.35
+    # One float32 multiplication by 1 / (1 - rate) against NumPy's float32 division: within 2 roundings (2.4e-7).
     np.testing.assert_allclose(dropped[kept], plain[kept] / 0.75, rtol=1e-6)
     assert not np.array_equal(kept, other != 0)
 
